@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import ndtr
 
 from sbi_engine.errors import ConfigError, ShapeError
 
@@ -283,7 +282,8 @@ class Gaussian(Prior):
         except np.linalg.LinAlgError as err:
             raise ConfigError("Gaussian: cov must be positive definite") from err
         self.cov = cov
-        self._log_norm = -0.5 * d * math.log(2 * math.pi) - float(np.sum(np.log(np.diag(self._chol))))
+        log_det_chol = float(np.sum(np.log(np.diag(self._chol))))
+        self._log_norm = -0.5 * d * math.log(2 * math.pi) - log_det_chol
 
     @property
     def dim(self):

@@ -27,6 +27,7 @@ import abc
 import concurrent.futures as cf
 import dataclasses
 import importlib.metadata
+import itertools
 import multiprocessing
 import re
 from collections import Counter
@@ -115,9 +116,12 @@ class SimulationReport:
         return text
 
 
-def row_keys(key: jax.Array, start: int, n: int) -> jax.Array:
-    """Per-row keys ``fold_in(key, start + i)`` for ``i < n``. Returns ``(n, 2)`` uint32."""
-    idx = jnp.arange(start, start + n, dtype=jnp.uint32)
+def row_keys(key: jax.Array, start: int | jax.Array, n: int) -> jax.Array:
+    """Per-row keys ``fold_in(key, start + i)`` for ``i < n``. Returns ``(n, 2)`` uint32.
+
+    ``start`` may be traced (one compilation serves every chunk); ``n`` is static.
+    """
+    idx = jnp.asarray(start, jnp.uint32) + jnp.arange(n, dtype=jnp.uint32)
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
 
@@ -181,10 +185,9 @@ class Simulator(abc.ABC):
 
     def nominal_nu(self) -> np.ndarray:
         """Nominal nuisance values ``(K,)`` (midpoint of the range where none is given)."""
-        return np.array(
-            [p.nominal if p.nominal is not None else 0.5 * (p.low + p.high) for p in self.nuisances],
-            dtype=np.float32,
-        )
+        values = [p.nominal if p.nominal is not None else 0.5 * (p.low + p.high)
+                  for p in self.nuisances]
+        return np.array(values, dtype=np.float32)
 
     def spec(self) -> dict[str, Any]:
         """JSON description: name, version, kind, parameters, nuisances, observables, prior."""
@@ -363,7 +366,7 @@ class BlackBoxSimulator(Simulator):
     def simulate_rows(self, keys, theta, nu=None, *, workers: int = 1,
                       pool: cf.Executor | None = None
                       ) -> tuple[np.ndarray, SimulationReport]:
-        """Run rows with failure capture. ``keys (n, 2)``, ``theta (n, D)`` → ``(x (n, X), report)``.
+        """Run rows, capturing failures. ``keys (n, 2)``, ``theta (n, D)`` → ``x (n, X)``, report.
 
         With ``workers > 1`` (or a given ``pool``) rows are split into ``workers``
         contiguous slices run in separate processes.
@@ -382,11 +385,11 @@ class BlackBoxSimulator(Simulator):
                 futures = [
                     pool.submit(run_blackbox_rows, self, keys[a:b], theta[a:b],
                                 None if nu is None else nu[a:b])
-                    for a, b in zip(bounds[:-1], bounds[1:])
+                    for a, b in itertools.pairwise(bounds)
                 ]
                 x = np.full((n, self.dim_x), np.nan, dtype=np.float32)
                 reasons = [None] * n
-                for (a, b), fut in zip(zip(bounds[:-1], bounds[1:]), futures):
+                for (a, b), fut in zip(itertools.pairwise(bounds), futures):
                     try:
                         xs, rs = fut.result()
                     except Exception as err:  # noqa: BLE001 - e.g. a worker that crashed

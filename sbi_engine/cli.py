@@ -1,0 +1,245 @@
+"""The ``sbi-engine`` command line.
+
+Every error caused by bad input is printed as one line (``error: ...``) with a
+non-zero exit code; ``--debug`` shows the traceback instead.
+
+Commands:
+    simulators [NAME]     list registered simulators, or one simulator's parameters
+    simulate NAME ...     simulate a dataset (resumable) into a zarr store
+    info PATH             print a dataset's manifest summary and valid/invalid counts
+    demo                  the quick-start job on embedded defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sbi_engine.errors import SbiEngineError, ShapeError
+
+__all__ = ["main"]
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def _load_array(path: str, field: str) -> np.ndarray:
+    """Load a numeric array from ``.npy`` (never pickled) or ``.csv``/``.txt``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ShapeError(f"{field}: file {path} does not exist")
+    try:
+        if p.suffix == ".npy":
+            arr = np.load(p, allow_pickle=False)
+        elif p.suffix in (".csv", ".txt"):
+            arr = np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
+        else:
+            raise ShapeError(f"{field}: expected a .npy or .csv file, got {p.name}")
+    except ValueError as err:
+        raise ShapeError(f"{field}: cannot read {path} as a numeric array ({err})") from None
+    if arr.dtype.kind not in "biuf":
+        raise ShapeError(f"{field}: {path} holds dtype {arr.dtype}, expected numbers")
+    return arr
+
+
+def cmd_simulators(args) -> int:
+    from sbi_engine.simulator import get_simulator, list_simulators
+
+    if args.name:
+        sim = get_simulator(args.name)
+        print(f"{sim.name}  ({sim.kind}, version {sim.version})")
+        if sim.description:
+            print(f"  {sim.description}")
+        print(f"  observables ({sim.dim_x}): {', '.join(sim.observables)}")
+        for title, specs in (("parameters", sim.parameters), ("nuisances", sim.nuisances)):
+            if not specs:
+                continue
+            print(f"  {title} ({len(specs)}):")
+            width = max(len(p.name) for p in specs)
+            for p in specs:
+                extra = f"  nominal {p.nominal:g}" if p.nominal is not None else ""
+                unit = f" {p.unit}" if p.unit else ""
+                print(f"    {p.name:<{width}}  [{p.low:g}, {p.high:g}]{unit}  {p.scale}{extra}")
+        print(f"  prior: {sim.prior.to_dict()['type']}")
+        return 0
+    names = list_simulators()
+    rows = []
+    for name in names:
+        try:
+            sim = get_simulator(name)
+            rows.append((name, sim.kind, str(sim.dim_theta), str(sim.dim_nu), str(sim.dim_x),
+                         sim.description.split("\n")[0][:60]))
+        except SbiEngineError as err:
+            rows.append((name, "?", "", "", "", f"(failed to load: {err})"))
+    header = ("name", "kind", "θ", "ν", "x", "description")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    print(fmt.format(*header))
+    for r in rows:
+        print(fmt.format(*r))
+    print(f"\n{len(rows)} simulators; `sbi-engine simulators NAME` lists a simulator's parameters.")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from sbi_engine.simulate import simulate
+    from sbi_engine.simulator import get_simulator
+
+    sim = get_simulator(args.name)
+    theta = _load_array(args.theta, "--theta") if args.theta else None
+    if theta is None and args.num is None:
+        raise ShapeError("--num: required unless --theta gives the parameters")
+    result = simulate(sim, args.num, args.seed, out=args.out, chunk_size=args.chunk_size,
+                      theta=theta, workers=args.workers, progress=not args.quiet)
+    rep = result.report
+    rate = f", {result.rate:,.0f} sims/s" if result.simulated else ""
+    print(f"{args.out}: {rep.summary()}; simulated {result.simulated} now"
+          f" in {result.seconds:.1f} s{rate}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from sbi_engine.store import load_dataset
+
+    ds = load_dataset(args.path, lazy=not args.verify, allow_incomplete=True)
+    m = ds.manifest
+    if args.json:
+        print(json.dumps(m, indent=1, sort_keys=True))
+        return 0
+    spec = m.get("simulator_spec", {})
+    print(f"dataset       {ds.path}")
+    print(f"simulator     {m['simulator']} (version {m['simulator_version']}, "
+          f"{spec.get('kind', '?')})")
+    print(f"rows          {m['num']} in {m['num_chunks']} chunks of {m['chunk_size']}")
+    print(f"seed          {m['seed']}")
+    print(f"theta         {m['theta_source']['type']}, "
+          f"{len(spec.get('parameters', []))} parameters")
+    print(f"prior         {m['prior']['type']}")
+    if spec.get("nuisances"):
+        print(f"nu            {m['nu_source']['type']}, {len(spec['nuisances'])} nuisances")
+    print(f"observables   {len(spec.get('observables', []))}")
+    print(f"engine        {m['engine_version']} (format {m['format_version']})")
+    if m.get("complete"):
+        c = m["counts"]
+        frac = c["invalid"] / c["total"]
+        print(f"status        complete; valid {c['valid']}, invalid {c['invalid']} "
+              f"({100 * frac:.2f}%)")
+        for reason, count in m.get("errors", {}).items():
+            print(f"              {count} × {reason}")
+        if args.verify:
+            print("checksums     all chunks verified")
+    else:
+        done = sum(ds._store.read_record(i) is not None for i in range(m["num_chunks"]))
+        print(f"status        INCOMPLETE: {done} of {m['num_chunks']} chunks; rerun the "
+              "simulate command to finish")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from sbi_engine.simulate import simulate
+    from sbi_engine.simulator import get_simulator
+
+    out = Path(args.out)
+    name = args.simulator
+    sim = get_simulator(name)
+    print(f"sbi-engine demo: simulating {args.num:,} draws of {name!r} "
+          f"({sim.dim_theta} parameters -> {sim.dim_x} observables) into {out}")
+    t0 = time.perf_counter()
+    result = simulate(sim, args.num, args.seed, out=out / f"{name}.zarr", progress=True)
+    print(f"  {result.report.summary()}; {result.simulated:,} simulated now in "
+          f"{result.seconds:.2f} s ({result.rate:,.0f} sims/s)")
+    x, valid = result.x, result.valid
+    xv = x[valid]
+    print("  observable         mean       std        min        max")
+    for j, obs in enumerate(sim.observables[:10]):
+        col = xv[:, j]
+        print(f"  {obs:<14} {col.mean():>9.4f} {col.std():>9.4f} {col.min():>10.4f} "
+              f"{col.max():>10.4f}")
+    try:
+        from importlib import import_module
+
+        task = import_module(f"simulators.benchmarks.{name}")
+        x_o = np.asarray(task.observation(1))
+        theta_o = np.asarray(task.true_parameters(1))
+        at_truth = simulate(sim, 2000, args.seed + 1, theta=np.tile(theta_o, (2000, 1)),
+                            progress=False).x
+        z = (x_o - at_truth.mean(0)) / at_truth.std(0)
+        print(f"  sbibm observation 1 vs 2,000 simulations at its true θ: "
+              f"max |z| = {np.abs(z).max():.2f} over {sim.dim_x} observables")
+    except (ImportError, AttributeError, SbiEngineError) as err:
+        print(f"  (no reference observation for {name}: {err})")
+    print(f"done in {time.perf_counter() - t0:.1f} s; inspect with `sbi-engine info "
+          f"{out / (name + '.zarr')}`")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sbi_engine import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sbi-engine",
+        description="Simulation-based inference and systematics-robust training on JAX.")
+    parser.add_argument("--version", action="version", version=f"sbi-engine {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("simulators", help="list registered simulators")
+    p.add_argument("name", nargs="?", help="show this simulator's parameters")
+    p.set_defaults(func=cmd_simulators)
+
+    p = sub.add_parser("simulate", help="simulate a dataset into a resumable zarr store")
+    p.add_argument("name", help="simulator name (see `sbi-engine simulators`)")
+    p.add_argument("--num", type=int, help="number of simulations (from the prior)")
+    p.add_argument("--seed", type=int, default=0, help="integer seed (default 0)")
+    p.add_argument("--out", required=True, help="dataset directory (zarr)")
+    p.add_argument("--chunk-size", type=int, help="rows per chunk")
+    p.add_argument("--workers", type=int, default=1, help="processes for black-box simulators")
+    p.add_argument("--theta", help="explicit parameters, (n, D) .npy or .csv, instead of the prior")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("info", help="print a dataset's manifest and counts")
+    p.add_argument("path")
+    p.add_argument("--verify", action="store_true", help="read every chunk and check checksums")
+    p.add_argument("--json", action="store_true", help="print the raw manifest")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="the quick-start job on embedded defaults")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--simulator", default="two_moons")
+    p.add_argument("--num", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sbi-engine`` console script. Returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_ERROR
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("\ninterrupted: completed chunks are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (SbiEngineError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

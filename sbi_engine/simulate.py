@@ -1,0 +1,310 @@
+"""Batched, seeded, chunked and resumable generation of training sets.
+
+``simulate(simulator, num, seed)`` draws ``θ`` from the prior (or a proposal, or takes
+an explicit array), draws ``ν`` from the nuisance prior when the simulator has
+nuisances, simulates ``x`` in chunks and either returns the arrays or writes them to a
+:mod:`sbi_engine.store` dataset.
+
+Determinism: with ``base = PRNGKey(seed)``, row ``i`` uses
+``fold_in(fold_in(base, s), i)`` for stream ``s`` ∈ {θ: 0, ν: 1, x: 2}. A row therefore
+depends only on ``(seed, i)``: chunks can run in any order, on any worker, and an
+interrupted run resumed later writes the same bytes as an uninterrupted one.
+
+Failures: a row whose ``x`` is not all finite (a JAX simulator returning NaN, a
+black-box simulator raising or returning garbage) is stored as NaN with
+``valid = False``; invalid rows are counted per chunk and in the manifest, never raised.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import multiprocessing
+import os
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from sbi_engine.errors import ConfigError, ShapeError
+from sbi_engine.priors import Prior
+from sbi_engine.simulator import (
+    BlackBoxSimulator,
+    JaxSimulator,
+    SimulationReport,
+    Simulator,
+    get_simulator,
+    row_keys,
+)
+from sbi_engine.store import Dataset, DatasetStore, load_dataset
+
+__all__ = ["SimulationResult", "simulate"]
+
+STREAM_THETA, STREAM_NU, STREAM_X = 0, 1, 2
+DEFAULT_CHUNK = {"jax": 10_000, "blackbox": 1_000}
+
+
+@dataclass
+class SimulationResult:
+    """What :func:`simulate` produced.
+
+    Attributes:
+        theta: ``(N, D)``; nu: ``(N, K)`` or None; x: ``(N, X)``; valid: ``(N,)`` bool.
+            For a run written to disk these are read from ``dataset`` on first access.
+        report: counts of total / invalid rows and failure reasons (whole dataset).
+        dataset: the on-disk :class:`~sbi_engine.store.Dataset`, or None for in-memory runs.
+        simulated: rows simulated by this call (fewer than N when a run was resumed).
+        seconds: wall time of this call's simulation loop.
+    """
+
+    report: SimulationReport
+    dataset: Dataset | None = None
+    simulated: int = 0
+    seconds: float = 0.0
+    _arrays: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def _get(self, name):
+        if self.dataset is not None:
+            return getattr(self.dataset, name)
+        return self._arrays[name]
+
+    theta = property(lambda self: self._get("theta"))
+    nu = property(lambda self: self._get("nu"))
+    x = property(lambda self: self._get("x"))
+    valid = property(lambda self: self._get("valid"))
+
+    @property
+    def rate(self) -> float:
+        """Simulations per second achieved by this call."""
+        return self.simulated / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _sha256_array(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr, dtype="<f4").tobytes()).hexdigest()
+
+
+class _ChunkMaker:
+    """Builds (θ, ν) and simulates x for rows ``[start, start + C)``, one compilation."""
+
+    def __init__(self, sim: Simulator, seed: int, chunk: int, prior: Prior,
+                 theta: np.ndarray | None, nu_mode: str, nu: np.ndarray | None):
+        self.sim, self.chunk = sim, chunk
+        self.theta, self.nu_array, self.nu_mode = theta, nu, nu_mode
+        base = jax.random.PRNGKey(seed)
+        self.k_theta, self.k_nu, self.k_x = (jax.random.fold_in(base, s)
+                                             for s in (STREAM_THETA, STREAM_NU, STREAM_X))
+        nominal = jnp.asarray(sim.nominal_nu())
+        nu_prior = sim.nuisance_prior
+
+        def draw_rows(key, start, p):
+            keys = row_keys(key, start, chunk)
+            return jax.vmap(lambda k: p.sample(k, 1)[0])(keys)
+
+        def params(start):
+            theta_c = draw_rows(self.k_theta, start, prior) if theta is None else None
+            if sim.dim_nu == 0 or nu_mode == "explicit":
+                nu_c = None
+            elif nu_mode == "prior":
+                nu_c = draw_rows(self.k_nu, start, nu_prior)
+            else:
+                nu_c = jnp.broadcast_to(nominal, (chunk, sim.dim_nu))
+            return theta_c, nu_c
+
+        self._params = jax.jit(params)
+        if isinstance(sim, JaxSimulator):
+            def run(start, theta_c, nu_c):
+                x = sim.simulate_rows(row_keys(self.k_x, start, chunk), theta_c, nu_c)
+                return x.astype(jnp.float32)
+
+            self._run = jax.jit(run)
+        self._keys = jax.jit(lambda start: row_keys(self.k_x, start, chunk))
+
+    def _pad(self, arr: np.ndarray, rows: int) -> np.ndarray:
+        if rows == self.chunk:
+            return arr
+        pad = np.repeat(arr[-1:], self.chunk - rows, axis=0)
+        return np.concatenate([arr, pad], axis=0)
+
+    def make(self, start: int, rows: int, pool: cf.Executor | None
+             ) -> tuple[dict[str, np.ndarray | None], SimulationReport]:
+        start_arr = jnp.uint32(start)
+        theta_c, nu_c = self._params(start_arr)
+        if self.theta is not None:
+            theta_c = jnp.asarray(self._pad(self.theta[start:start + rows], rows))
+        if self.nu_mode == "explicit":
+            nu_c = jnp.asarray(self._pad(self.nu_array[start:start + rows], rows))
+        if isinstance(self.sim, JaxSimulator):
+            x = np.array(self._run(start_arr, theta_c, nu_c))[:rows]
+            valid = np.all(np.isfinite(x), axis=1)
+            x[~valid] = np.nan
+            report = SimulationReport(total=rows, invalid=int((~valid).sum()))
+            if report.invalid:
+                report.errors["non-finite output"] = report.invalid
+        else:
+            keys = np.asarray(self._keys(start_arr))[:rows]
+            nu_np = None if nu_c is None else np.asarray(nu_c)[:rows]
+            x, report = self.sim.simulate_rows(keys, np.asarray(theta_c)[:rows], nu_np, pool=pool)
+            valid = np.all(np.isfinite(x), axis=1)
+        arrays = {
+            "theta": np.asarray(theta_c, dtype=np.float32)[:rows],
+            "nu": None if nu_c is None else np.asarray(nu_c, dtype=np.float32)[:rows],
+            "x": x.astype(np.float32),
+            "valid": valid,
+        }
+        return arrays, report
+
+
+def simulate(
+    simulator: Simulator | str,
+    num: int | None = None,
+    seed: int = 0,
+    *,
+    out: str | os.PathLike | None = None,
+    chunk_size: int | None = None,
+    theta: Any = None,
+    proposal: Prior | None = None,
+    nu: str | Any = "prior",
+    workers: int = 1,
+    progress: bool = True,
+) -> SimulationResult:
+    """Simulate a training set, in memory or into a resumable on-disk dataset.
+
+    Args:
+        simulator: a :class:`~sbi_engine.simulator.Simulator` or a registered name.
+        num: number of rows N (inferred from ``theta`` when that is given).
+        seed: integer seed; the same seed gives the same rows.
+        out: dataset directory. If it holds an interrupted run of the *same* request,
+            only the missing chunks are simulated; a different request is an error.
+        chunk_size: rows per chunk (default 10,000 for JAX simulators, 1,000 for
+            black-box ones). Part of the dataset's identity.
+        theta: explicit parameters ``(N, D)`` instead of prior draws (checked against
+            the simulator's parameter count and the prior's support).
+        proposal: draw θ from this prior instead of ``simulator.prior``.
+        nu: for simulators with nuisances: ``"prior"`` (draw from the nuisance prior),
+            ``"nominal"``, or an explicit array ``(N, K)``.
+        workers: processes for black-box simulators (ignored, with a warning, for JAX
+            simulators, which use the device's own parallelism).
+        progress: show a progress bar (rate and ETA) once a run takes over 2 s.
+
+    Returns:
+        A :class:`SimulationResult`.
+
+    Raises:
+        ShapeError, ConfigError, DatasetError: bad input, named.
+    """
+    sim = get_simulator(simulator) if isinstance(simulator, str) else simulator
+    if not isinstance(sim, Simulator):
+        raise ConfigError(f"simulator: expected a Simulator or a name, got {type(sim).__name__}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
+    seed = int(seed)
+
+    prior = proposal if proposal is not None else sim.prior
+    if proposal is not None and proposal.dim != sim.dim_theta:
+        raise ShapeError(f"proposal: has dim {proposal.dim}, simulator {sim.name!r} "
+                         f"expects {sim.dim_theta}")
+    theta_arr = None
+    if theta is not None:
+        theta_arr = sim.check_theta(theta)
+        if num is not None and int(num) != theta_arr.shape[0]:
+            raise ShapeError(f"num: {num} but theta has {theta_arr.shape[0]} rows")
+        num = theta_arr.shape[0]
+        theta_source = {"type": "explicit", "sha256": _sha256_array(theta_arr)}
+    else:
+        theta_source = {"type": "proposal" if proposal is not None else "prior"}
+    if num is None or isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num <= 0:
+        raise ConfigError(f"num: expected a positive integer, got {num!r}")
+    num = int(num)
+
+    nu_arr = None
+    if sim.dim_nu == 0:
+        if not (isinstance(nu, str) and nu in ("prior", "nominal")):
+            raise ShapeError(f"nu: simulator {sim.name!r} has no nuisance parameters")
+        nu_mode = "none"
+    elif isinstance(nu, str):
+        if nu not in ("prior", "nominal"):
+            raise ConfigError(f"nu: expected 'prior', 'nominal' or an array, got {nu!r}")
+        nu_mode = nu
+    else:
+        nu_arr = sim.check_nu(nu, num)
+        nu_mode = "explicit"
+    nu_source = {"type": nu_mode}
+    if nu_arr is not None:
+        nu_source["sha256"] = _sha256_array(nu_arr)
+
+    chunk = int(chunk_size) if chunk_size is not None else min(num, DEFAULT_CHUNK[sim.kind])
+    if chunk <= 0:
+        raise ConfigError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+    chunk = min(chunk, num)
+    if workers < 1:
+        raise ConfigError(f"workers: expected >= 1, got {workers}")
+    if workers > 1 and not isinstance(sim, BlackBoxSimulator):
+        warnings.warn(f"workers={workers} ignored: {sim.name!r} is a JAX simulator, batched "
+                      "on the default device", stacklevel=2)
+
+    store = None
+    num_chunks = -(-num // chunk)
+    todo = list(range(num_chunks))
+    if out is not None:
+        identity = {
+            "simulator": sim.name,
+            "simulator_version": sim.version,
+            "simulator_spec": sim.spec(),
+            "prior": prior.to_dict(),
+            "theta_source": theta_source,
+            "nu_source": nu_source,
+            "seed": seed,
+            "num": num,
+            "chunk_size": chunk,
+            "dtype": "float32",
+        }
+        dims = {"theta": sim.dim_theta, "nu": sim.dim_nu, "x": sim.dim_x}
+        store = DatasetStore.create_or_resume(out, identity, dims)
+        todo = [i for i in todo if not store.is_done(i)]
+
+    maker = _ChunkMaker(sim, seed, chunk, prior, theta_arr, nu_mode, nu_arr)
+    report = SimulationReport()
+    parts: dict[int, dict] = {}
+    pool = None
+    if isinstance(sim, BlackBoxSimulator) and workers > 1 and todo:
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    done_rows = num - sum(min(chunk, num - i * chunk) for i in todo)
+    bar = tqdm(total=num, initial=done_rows, unit="sim", unit_scale=True, delay=2.0,
+               disable=not progress, desc=f"simulate {sim.name}", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    simulated = 0
+    try:
+        for i in todo:
+            start = i * chunk
+            rows = min(chunk, num - start)
+            arrays, rep = maker.make(start, rows, pool)
+            report.add(rep)
+            simulated += rows
+            if store is not None:
+                store.write_chunk(i, arrays, {"errors": dict(rep.errors)})
+            else:
+                parts[i] = arrays
+            bar.update(rows)
+            bar.set_postfix(invalid=report.invalid, refresh=False)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    seconds = time.perf_counter() - t0
+
+    if store is not None:
+        manifest = store.finalize()
+        total = SimulationReport(total=num, invalid=manifest["counts"]["invalid"],
+                                 errors=Counter(manifest.get("errors", {})))
+        return SimulationResult(report=total, dataset=load_dataset(out, lazy=True),
+                                simulated=simulated, seconds=seconds)
+    cat = {k: (None if parts[0][k] is None else np.concatenate([parts[i][k]
+                                                               for i in range(num_chunks)]))
+           for k in ("theta", "nu", "x", "valid")}
+    return SimulationResult(report=report, simulated=simulated, seconds=seconds, _arrays=cat)
