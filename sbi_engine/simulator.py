@@ -334,6 +334,7 @@ def run_blackbox_rows(sim: BlackBoxSimulator, keys: np.ndarray, theta: np.ndarra
     for i in range(n):
         if reasons[i] is None and not np.all(np.isfinite(out[i])):
             reasons[i] = "non-finite output"
+            out[i] = np.nan
     return out, reasons
 
 
