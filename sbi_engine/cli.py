@@ -97,9 +97,11 @@ def cmd_simulate(args) -> int:
     result = simulate(sim, args.num, args.seed, out=args.out, chunk_size=args.chunk_size,
                       theta=theta, workers=args.workers, progress=not args.quiet)
     rep = result.report
-    rate = f", {result.rate:,.0f} sims/s" if result.simulated else ""
-    print(f"{args.out}: {rep.summary()}; simulated {result.simulated} now"
-          f" in {result.seconds:.1f} s{rate}")
+    if result.simulated:
+        print(f"{args.out}: {rep.summary()}; simulated {result.simulated} now in "
+              f"{result.seconds:.1f} s, {result.rate:,.0f} sims/s")
+    else:
+        print(f"{args.out}: {rep.summary()}; already complete, nothing to simulate")
     return 0
 
 
@@ -151,8 +153,11 @@ def cmd_demo(args) -> int:
           f"({sim.dim_theta} parameters -> {sim.dim_x} observables) into {out}")
     t0 = time.perf_counter()
     result = simulate(sim, args.num, args.seed, out=out / f"{name}.zarr", progress=True)
-    print(f"  {result.report.summary()}; {result.simulated:,} simulated now in "
-          f"{result.seconds:.2f} s ({result.rate:,.0f} sims/s)")
+    if result.simulated:
+        print(f"  {result.report.summary()}; {result.simulated:,} simulated now in "
+              f"{result.seconds:.2f} s ({result.rate:,.0f} sims/s)")
+    else:
+        print(f"  {result.report.summary()}; already complete, reused")
     x, valid = result.x, result.valid
     xv = x[valid]
     print("  observable         mean       std        min        max")

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import time
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,74 +90,85 @@ def _sha256_array(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr, dtype="<f4").tobytes()).hexdigest()
 
 
+# Compiled chunk functions, per simulator and (chunk, prior, ν mode, explicit θ): built
+# once, reused by every call, so repeated simulate() calls do not recompile.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_chunk_fn(sim: Simulator, chunk: int, prior: Prior, nu_mode: str,
+                       explicit_theta: bool):
+    """``fn(base_key, start, theta_in, nu_in) -> (theta (C, D), nu (C, K) | None, out)``.
+
+    ``out`` is ``x (C, X)`` for JAX simulators and the row keys ``(C, 2)`` otherwise.
+    """
+    cache = _COMPILED.setdefault(sim, {})
+    tag = (chunk, repr(prior.to_dict()), nu_mode, explicit_theta)
+    if tag in cache:
+        return cache[tag]
+    nominal = jnp.asarray(sim.nominal_nu())
+    nu_prior = sim.nuisance_prior
+
+    def draw(key, start, p):
+        return jax.vmap(lambda k: p.sample(k, 1)[0])(row_keys(key, start, chunk))
+
+    def fn(base, start, theta_in, nu_in):
+        k_theta, k_nu, k_x = (jax.random.fold_in(base, s)
+                              for s in (STREAM_THETA, STREAM_NU, STREAM_X))
+        theta_c = theta_in if explicit_theta else draw(k_theta, start, prior)
+        if sim.dim_nu == 0:
+            nu_c = None
+        elif nu_mode == "explicit":
+            nu_c = nu_in
+        elif nu_mode == "prior":
+            nu_c = draw(k_nu, start, nu_prior)
+        else:
+            nu_c = jnp.broadcast_to(nominal, (chunk, sim.dim_nu))
+        keys = row_keys(k_x, start, chunk)
+        if isinstance(sim, JaxSimulator):
+            return theta_c, nu_c, sim.simulate_rows(keys, theta_c, nu_c).astype(jnp.float32)
+        return theta_c, nu_c, keys
+
+    cache[tag] = jax.jit(fn)
+    return cache[tag]
+
+
 class _ChunkMaker:
-    """Builds (θ, ν) and simulates x for rows ``[start, start + C)``, one compilation."""
+    """Builds (θ, ν) and simulates x for rows ``[start, start + C)``."""
 
     def __init__(self, sim: Simulator, seed: int, chunk: int, prior: Prior,
                  theta: np.ndarray | None, nu_mode: str, nu: np.ndarray | None):
         self.sim, self.chunk = sim, chunk
         self.theta, self.nu_array, self.nu_mode = theta, nu, nu_mode
-        base = jax.random.PRNGKey(seed)
-        self.k_theta, self.k_nu, self.k_x = (jax.random.fold_in(base, s)
-                                             for s in (STREAM_THETA, STREAM_NU, STREAM_X))
-        nominal = jnp.asarray(sim.nominal_nu())
-        nu_prior = sim.nuisance_prior
+        self.base = jax.random.PRNGKey(seed)
+        self.fn = _compiled_chunk_fn(sim, chunk, prior, nu_mode, theta is not None)
 
-        def draw_rows(key, start, p):
-            keys = row_keys(key, start, chunk)
-            return jax.vmap(lambda k: p.sample(k, 1)[0])(keys)
-
-        def params(start):
-            theta_c = draw_rows(self.k_theta, start, prior) if theta is None else None
-            if sim.dim_nu == 0 or nu_mode == "explicit":
-                nu_c = None
-            elif nu_mode == "prior":
-                nu_c = draw_rows(self.k_nu, start, nu_prior)
-            else:
-                nu_c = jnp.broadcast_to(nominal, (chunk, sim.dim_nu))
-            return theta_c, nu_c
-
-        self._params = jax.jit(params)
-        if isinstance(sim, JaxSimulator):
-            def run(start, theta_c, nu_c):
-                x = sim.simulate_rows(row_keys(self.k_x, start, chunk), theta_c, nu_c)
-                return x.astype(jnp.float32)
-
-            self._run = jax.jit(run)
-        self._keys = jax.jit(lambda start: row_keys(self.k_x, start, chunk))
-
-    def _pad(self, arr: np.ndarray, rows: int) -> np.ndarray:
-        if rows == self.chunk:
-            return arr
-        pad = np.repeat(arr[-1:], self.chunk - rows, axis=0)
-        return np.concatenate([arr, pad], axis=0)
+    def _rows(self, arr: np.ndarray | None, start: int, rows: int) -> jax.Array | None:
+        if arr is None:
+            return None
+        part = arr[start:start + rows]
+        if rows < self.chunk:  # pad the tail chunk so one compilation serves all chunks
+            part = np.concatenate([part, np.repeat(part[-1:], self.chunk - rows, axis=0)])
+        return jnp.asarray(part)
 
     def make(self, start: int, rows: int, pool: cf.Executor | None
              ) -> tuple[dict[str, np.ndarray | None], SimulationReport]:
-        start_arr = jnp.uint32(start)
-        theta_c, nu_c = self._params(start_arr)
-        if self.theta is not None:
-            theta_c = jnp.asarray(self._pad(self.theta[start:start + rows], rows))
-        if self.nu_mode == "explicit":
-            nu_c = jnp.asarray(self._pad(self.nu_array[start:start + rows], rows))
+        theta_in = self._rows(self.theta, start, rows)
+        nu_in = self._rows(self.nu_array, start, rows) if self.nu_mode == "explicit" else None
+        theta_c, nu_c, out = self.fn(self.base, jnp.uint32(start), theta_in, nu_in)
+        theta_np = np.asarray(theta_c, dtype=np.float32)[:rows]
+        nu_np = None if nu_c is None else np.asarray(nu_c, dtype=np.float32)[:rows]
         if isinstance(self.sim, JaxSimulator):
-            x = np.array(self._run(start_arr, theta_c, nu_c))[:rows]
+            x = np.array(out)[:rows]
             valid = np.all(np.isfinite(x), axis=1)
             x[~valid] = np.nan
             report = SimulationReport(total=rows, invalid=int((~valid).sum()))
             if report.invalid:
                 report.errors["non-finite output"] = report.invalid
         else:
-            keys = np.asarray(self._keys(start_arr))[:rows]
-            nu_np = None if nu_c is None else np.asarray(nu_c)[:rows]
-            x, report = self.sim.simulate_rows(keys, np.asarray(theta_c)[:rows], nu_np, pool=pool)
+            keys = np.asarray(out)[:rows]
+            x, report = self.sim.simulate_rows(keys, theta_np, nu_np, pool=pool)
             valid = np.all(np.isfinite(x), axis=1)
-        arrays = {
-            "theta": np.asarray(theta_c, dtype=np.float32)[:rows],
-            "nu": None if nu_c is None else np.asarray(nu_c, dtype=np.float32)[:rows],
-            "x": x.astype(np.float32),
-            "valid": valid,
-        }
+        arrays = {"theta": theta_np, "nu": nu_np, "x": x.astype(np.float32), "valid": valid}
         return arrays, report
 
 
