@@ -71,7 +71,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys, argv, expected)
     np.save(tmp_path / "bad.npy", np.zeros((4, 3)))
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, out, err = run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
     assert code == 2
     assert err.startswith(expected.replace("{tmp}", str(tmp_path))), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

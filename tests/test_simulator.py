@@ -1,4 +1,4 @@
-"""Simulator contract, failure capture, worker pools and the registry (in-process + entry points)."""
+"""Simulator contract, failure capture, worker pools, registry (in-process, entry points)."""
 
 import textwrap
 
