@@ -13,6 +13,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -142,6 +143,120 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import jax
+
+    from sbi_engine.npe import NPEConfig, train_npe
+    from sbi_engine.priors import prior_from_dict
+    from sbi_engine.store import load_dataset
+
+    ds = load_dataset(args.dataset)
+    prior = prior_from_dict(ds.manifest["prior"])
+    overrides = {k: v for k, v in (("max_epochs", args.max_epochs),
+                                   ("batch_size", args.batch_size),
+                                   ("learning_rate", args.learning_rate)) if v is not None}
+    config = NPEConfig.for_estimator(args.estimator, **overrides)
+    theta, x = ds.theta, ds.x
+    print(f"training {args.estimator} ({args.backend}) on {len(ds):,} simulations of "
+          f"{ds.manifest['simulator']!r} ({int(ds.valid.sum()):,} valid)")
+    if args.backend == "sbi":
+        from sbi_engine.interop.sbi import train_sbi
+
+        result = train_sbi(theta, x, prior=prior, config=config, seed=args.seed,
+                           progress=not args.quiet)
+    else:
+        result = train_npe(jax.random.PRNGKey(args.seed), theta, x, config=config, prior=prior,
+                           progress=not args.quiet)
+    result.posterior.metadata.update(simulator=ds.manifest["simulator"],
+                                     dataset=str(ds.path), seed=args.seed)
+    result.posterior.save(args.out)
+    s = result.summary()
+    print(f"{args.out}: {s['epochs']} epochs in {s['seconds']:.1f} s "
+          f"({s['seconds_per_epoch']:.3f} s/epoch), best validation loss "
+          f"{s['best_val_loss']:.4f} at epoch {s['best_epoch']}, "
+          f"{s['excluded_rows']} invalid rows excluded")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import jax
+
+    from sbi_engine.posterior import load_posterior
+    from sbi_engine.store import atomic_write_bytes
+
+    posterior = load_posterior(args.model)
+    x_o = _load_array(args.observation, "--observation")
+    x_o, _ = posterior.check_x(x_o, field="--observation")
+    samples = posterior.sample(jax.random.PRNGKey(args.seed), args.num, x_o)
+    buf = io.BytesIO()
+    np.save(buf, samples, allow_pickle=False)
+    atomic_write_bytes(args.out, buf.getvalue())
+    rate = posterior.acceptance_rate
+    acc = f", acceptance {rate:.3f}" if rate is not None else ""
+    print(f"{args.out}: samples of shape {samples.shape}{acc}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    import jax
+
+    from sbi_engine import diagnostics, plotting
+    from sbi_engine.posterior import load_posterior
+    from sbi_engine.store import atomic_write_bytes, load_dataset
+
+    posterior = load_posterior(args.model)
+    ds = load_dataset(args.dataset)
+    data = ds.arrays(valid_only=True)
+    n = min(args.sbc, data["theta"].shape[0])
+    if n < 10:
+        raise ShapeError(f"--sbc: need at least 10 valid held-out simulations, got {n}")
+    rng = np.random.default_rng(args.seed)
+    idx = np.sort(rng.choice(data["theta"].shape[0], n, replace=False))
+    theta, x = data["theta"][idx], data["x"][idx]
+    if x.shape[1:] != posterior.x_shape:
+        raise ShapeError(f"dataset x has shape {x.shape[1:]}, the model expects "
+                         f"{posterior.x_shape}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.PRNGKey(args.seed)
+    k_sbc, k_cov, k_tarp, k_pair = jax.random.split(key, 4)
+    L = args.num_posterior_samples
+
+    def sample_fn(k, x_i, m):
+        return posterior.sample(k, m, x_i)
+
+    def log_prob_fn(t, x_i):
+        return posterior.log_prob(t, x_i)
+
+    print(f"diagnosing on {n} held-out simulations, {L} posterior samples each")
+    ranks = diagnostics.sbc_ranks(k_sbc, sample_fn, theta, x, L)
+    sbc = diagnostics.sbc_uniformity(ranks, L)
+    cov = diagnostics.expected_coverage(k_cov, sample_fn, theta, x, L, method="hpd",
+                                        log_prob_fn=log_prob_fn)
+    tarp = diagnostics.expected_coverage(k_tarp, sample_fn, theta, x, L, method="tarp")
+    names = ds.manifest.get("simulator_spec", {}).get("parameters", [])
+    labels = [p["name"] for p in names] or None
+    plotting.plot_sbc_ranks(ranks, L, labels=labels, path=out / "sbc_ranks.png")
+    plotting.plot_coverage({"HPD": cov, "TARP": tarp}, path=out / "coverage.png")
+    s0 = posterior.sample(k_pair, 2000, x[0])
+    plotting.pairplot(s0, truth=theta[0], labels=labels, title="held-out simulation 0",
+                      path=out / "pairplot.png")
+    metrics = {
+        "num_simulations": int(n),
+        "num_posterior_samples": int(L),
+        "sbc": {k: np.asarray(v).tolist() for k, v in sbc._asdict().items()},
+        "coverage_hpd": {k: np.asarray(v).tolist() for k, v in cov._asdict().items()},
+        "coverage_tarp": {k: np.asarray(v).tolist() for k, v in tarp._asdict().items()},
+    }
+    atomic_write_bytes(out / "diagnostics.json", json.dumps(metrics, indent=1).encode())
+    print(f"SBC chi-square p-values per parameter: "
+          f"{np.round(np.asarray(sbc.chi2_pvalue), 3).tolist()}")
+    print(f"expected coverage max |error|: HPD {cov.max_abs_error:.3f}, "
+          f"TARP {tarp.max_abs_error:.3f}")
+    print(f"wrote {out}/diagnostics.json, sbc_ranks.png, coverage.png, pairplot.png")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from sbi_engine.simulate import simulate
     from sbi_engine.simulator import get_simulator
@@ -213,6 +328,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="read every chunk and check checksums")
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a neural posterior estimator on a dataset")
+    p.add_argument("dataset")
+    p.add_argument("--estimator", choices=["nsf", "maf", "nsf_ar"], default="nsf")
+    p.add_argument("--backend", choices=["jax", "sbi"], default="jax")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="model directory")
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw posterior samples for an observation")
+    p.add_argument("model")
+    p.add_argument("--observation", required=True, help=".npy or .csv, shape (X,) or (m, X)")
+    p.add_argument("--num", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="samples .npy")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("diagnose", help="SBC, expected coverage and plots on held-out data")
+    p.add_argument("model")
+    p.add_argument("dataset", help="held-out simulations (not the training set)")
+    p.add_argument("--sbc", type=int, default=200, help="held-out simulations to use")
+    p.add_argument("--num-posterior-samples", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("demo", help="the quick-start job on embedded defaults")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")

@@ -1,0 +1,378 @@
+"""The trained posterior ``q(θ | x)``: sampling, densities, MAP, and files without pickle.
+
+``Posterior`` wraps a conditional flow and its parameters with the prior it was trained
+under. Samples outside the prior's support are rejected (as sbi does for bounded
+priors); the acceptance rate is recorded in ``posterior.acceptance_rate``. When it is
+very low the flow leaks mass outside the prior and rejection would take forever:
+below ``min_acceptance`` sampling stops with a clear message that offers the usual
+fallbacks (``reject_outside_prior=False``, or training in unconstrained space with
+``FlowConfig(z_score_theta="transform_to_unconstrained")``).
+
+Files: a model is a directory ``MODEL/`` holding ``posterior.json`` (format, engine
+version, flow config, standardisation, prior, shapes, metadata) and ``params.msgpack``
+(the flax parameter tree, msgpack-encoded arrays). Loading never unpickles; a file from
+an unknown format version or with a parameter tree that does not match its config is
+refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from sbi_engine.errors import SbiEngineError, ShapeError
+from sbi_engine.flows import ConditionalFlow, FlowConfig, Standardization, build_flow
+from sbi_engine.priors import Prior, prior_from_dict
+
+__all__ = ["Posterior", "PosteriorFileError", "SamplingError", "hpd_threshold", "load_posterior"]
+
+FORMAT = "sbi-engine-posterior"
+FORMAT_VERSION = 1
+
+
+class SamplingError(SbiEngineError):
+    """Rejection sampling cannot make progress (the posterior leaks outside the prior)."""
+
+
+class PosteriorFileError(SbiEngineError):
+    """A model directory is missing, corrupted, or from an incompatible version."""
+
+
+class Posterior:
+    """A trained posterior estimator.
+
+    Args:
+        flow: the built conditional flow (with its standardisation).
+        params: the flow's parameter pytree.
+        prior: the prior used in training (support for rejection; may be None).
+        metadata: JSON-serialisable facts about training (saved with the model).
+    """
+
+    def __init__(self, flow: ConditionalFlow, params: Any, *, prior: Prior | None = None,
+                 metadata: dict[str, Any] | None = None):
+        self.flow = flow
+        self.params = params
+        self.prior = prior
+        self.metadata = dict(metadata or {})
+        self.acceptance_rate: float | None = None
+        self._log_prob = jax.jit(flow.log_prob)
+        self._draw = jax.jit(flow.sample, static_argnums=(3,))
+
+    @property
+    def theta_dim(self) -> int:
+        return self.flow.theta_dim
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return self.flow.x_shape
+
+    # -- input checks --------------------------------------------------------------------
+
+    def check_x(self, x: Any, *, field: str = "x") -> tuple[np.ndarray, bool]:
+        """Validate an observation ``(*X,)`` or a batch ``(m, *X)``. Returns (array, batched).
+
+        ``(1, *X)`` is read as one observation (as sbi does).
+        """
+        try:
+            arr = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise ShapeError(f"{field}: expected a numeric array ({err})") from None
+        shape = self.x_shape
+        if arr.shape == shape:
+            batched = False
+        elif arr.shape == (1, *shape):  # one observation with a batch axis, as sbi accepts
+            arr, batched = arr[0], False
+        elif arr.ndim == len(shape) + 1 and arr.shape[1:] == shape:
+            batched = True
+        else:
+            raise ShapeError(f"{field}: expected shape {shape} or (m, {', '.join(map(str, shape))})"
+                             f", got {arr.shape}")
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            where = np.argwhere(bad)[0].tolist()
+            raise ShapeError(f"{field}: contains NaN or inf (first at index {where}); "
+                             "an observation must be finite")
+        return arr, batched
+
+    def _check_theta(self, theta: Any) -> np.ndarray:
+        arr = np.asarray(theta, dtype=np.float32)
+        if arr.ndim == 1 and arr.shape[0] == self.theta_dim:
+            arr = arr[None]
+        if arr.ndim != 2 or arr.shape[1] != self.theta_dim:
+            raise ShapeError(f"theta: expected shape (n, {self.theta_dim}), got {arr.shape}")
+        return arr
+
+    # -- densities ---------------------------------------------------------------------------
+
+    def log_prob(self, theta: Any, x: Any, *, chunk: int = 100_000) -> np.ndarray:
+        """``log q(θ | x)``; ``-inf`` outside the prior's support.
+
+        Args:
+            theta: ``(n, D)``.
+            x: one observation ``(*X,)`` for all rows, or ``(n, *X)``.
+
+        Returns:
+            ``(n,)`` float32 (not renormalised for the mass rejected outside the prior).
+        """
+        theta = self._check_theta(theta)
+        x, batched = self.check_x(x)
+        if batched and x.shape[0] != theta.shape[0]:
+            raise ShapeError(f"x: {x.shape[0]} observations for {theta.shape[0]} theta rows")
+        out = np.empty(theta.shape[0], np.float32)
+        for a in range(0, theta.shape[0], chunk):
+            b = min(a + chunk, theta.shape[0])
+            out[a:b] = np.asarray(self._log_prob(self.params, theta[a:b],
+                                                 x[a:b] if batched else x))
+        if self.prior is not None:
+            out[~np.asarray(self.prior.in_support(theta))] = -np.inf
+        return out
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def sample(self, key: jax.Array, n: int, x: Any, *, reject_outside_prior: bool = True,
+               min_acceptance: float = 1e-3, batch: int | None = None) -> np.ndarray:
+        """Draw ``n`` posterior samples for one observation or each of many.
+
+        Args:
+            key: PRNG key.
+            n: samples per observation.
+            x: ``(*X,)`` → returns ``(n, D)``; ``(m, *X)`` → returns ``(m, n, D)``.
+            reject_outside_prior: drop samples outside the prior's support (default).
+            min_acceptance: stop with :class:`SamplingError` when the acceptance rate
+                falls below this (after at least 10,000 draws); warns below 10×.
+            batch: draws per compiled call (default ``max(n, 1000)`` rounded up).
+
+        Raises:
+            SamplingError: acceptance below ``min_acceptance``.
+        """
+        if not isinstance(n, int | np.integer) or n < 1:
+            raise ShapeError(f"n: expected a positive integer, got {n!r}")
+        x, batched = self.check_x(x)
+        if batched:
+            keys = jax.random.split(key, x.shape[0])
+            return np.stack([self._sample_one(keys[i], int(n), x[i], reject_outside_prior,
+                                              min_acceptance, batch) for i in range(x.shape[0])])
+        return self._sample_one(key, int(n), x, reject_outside_prior, min_acceptance, batch)
+
+    def _sample_one(self, key, n, x, reject, min_acceptance, batch):
+        batch = int(batch or max(1024, 1 << (n - 1).bit_length()))
+        if not reject or self.prior is None:
+            draws = [np.asarray(self._draw(self.params, jax.random.fold_in(key, i), x, batch))
+                     for i in range(-(-n // batch))]
+            self.acceptance_rate = 1.0
+            return np.concatenate(draws)[:n]
+        kept, total, drawn, i = [], 0, 0, 0
+        warned = False
+        while total < n:
+            cand = np.asarray(self._draw(self.params, jax.random.fold_in(key, i), x, batch))
+            i += 1
+            ok = np.asarray(self.prior.in_support(cand)) & np.isfinite(cand).all(axis=1)
+            kept.append(cand[ok])
+            total += int(ok.sum())
+            drawn += batch
+            rate = total / drawn
+            if drawn >= 10_000 and rate < min_acceptance:
+                self.acceptance_rate = rate
+                raise SamplingError(
+                    f"posterior sampling: only {rate:.2e} of samples fall inside the prior "
+                    f"support after {drawn} draws (below {min_acceptance:g}); the estimator "
+                    "puts its mass outside the prior. Use sample(..., "
+                    "reject_outside_prior=False) to sample without rejection, or retrain with "
+                    "FlowConfig(z_score_theta='transform_to_unconstrained') or more simulations")
+            if drawn >= 10_000 and rate < 10 * min_acceptance and not warned:
+                warnings.warn(f"posterior sampling: low acceptance {rate:.2e} inside the prior "
+                              "support", stacklevel=3)
+                warned = True
+        self.acceptance_rate = total / drawn
+        return np.concatenate(kept)[:n]
+
+    def map(self, x: Any, *, key: jax.Array, num_init: int = 1000, steps: int = 300,
+            learning_rate: float = 1e-2) -> np.ndarray:
+        """Maximum a posteriori estimate for one observation ``x (*X,)``. Returns ``(D,)``.
+
+        Starts from the best of ``num_init`` posterior samples and climbs ``log q(θ|x)``
+        with Adam, projected onto the prior's support.
+        """
+        x, batched = self.check_x(x)
+        if batched:
+            keys = jax.random.split(key, x.shape[0])
+            return np.stack([self.map(x[i], key=keys[i], num_init=num_init, steps=steps,
+                                      learning_rate=learning_rate) for i in range(x.shape[0])])
+        init = self.sample(key, num_init, x)
+        lp = self.log_prob(init, x)
+        theta0 = jnp.asarray(init[int(np.argmax(lp))])
+        low, high = (self.prior.support if self.prior is not None
+                     else (np.full(self.theta_dim, -np.inf), np.full(self.theta_dim, np.inf)))
+        low, high = jnp.asarray(low, jnp.float32), jnp.asarray(high, jnp.float32)
+        opt = optax.adam(learning_rate)
+        params = self.params
+
+        def neg_lp(t):
+            return -self.flow.log_prob(params, t[None], x)[0]
+
+        @jax.jit
+        def climb(theta):
+            def step(carry, _):
+                t, s = carry
+                g = jax.grad(neg_lp)(t)
+                g = jnp.where(jnp.isfinite(g), g, 0.0)
+                u, s = opt.update(g, s, t)
+                return (jnp.clip(optax.apply_updates(t, u), low, high), s), None
+
+            (t, _), _ = jax.lax.scan(step, (theta, opt.init(theta)), None, length=steps)
+            return t
+
+        theta = climb(theta0)
+        best = np.asarray(theta) if neg_lp(theta) <= neg_lp(theta0) else np.asarray(theta0)
+        return best
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model directory atomically (a temporary directory, then a rename)."""
+        from sbi_engine import __version__
+
+        path = Path(path)
+        header = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "engine_version": __version__,
+            "flow": self.flow.config.to_dict(),
+            "standardization": self.flow.standardization.to_dict(),
+            "prior": None if self.prior is None else self.prior.to_dict(),
+            "theta_dim": self.theta_dim,
+            "x_shape": list(self.x_shape),
+            "metadata": _jsonable(self.metadata),
+        }
+        state = serialization.to_state_dict(jax.tree.map(np.asarray, self.params))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            (tmp / "posterior.json").write_text(json.dumps(header, indent=1, sort_keys=True))
+            (tmp / "params.msgpack").write_bytes(serialization.msgpack_serialize(state))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if path.exists():
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+                os.replace(path, old / "model")
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Posterior:
+        """Read a model directory written by :meth:`save` (no pickle involved).
+
+        Raises:
+            PosteriorFileError: missing files, corrupted content, or an incompatible version.
+        """
+        path = Path(path)
+        hfile, pfile = path / "posterior.json", path / "params.msgpack"
+        if not path.is_dir() or not hfile.is_file() or not pfile.is_file():
+            raise PosteriorFileError(f"model {path}: expected a directory with posterior.json "
+                                     "and params.msgpack (written by Posterior.save / "
+                                     "`sbi-engine train`)")
+        try:
+            header = json.loads(hfile.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PosteriorFileError(f"model {path}: posterior.json is not valid JSON "
+                                     f"({err})") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise PosteriorFileError(f"model {path}: posterior.json is not an sbi-engine "
+                                     "posterior")
+        version = header.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PosteriorFileError(
+                f"model {path}: format version {version!r} written by engine "
+                f"{header.get('engine_version')!r}; this engine reads version {FORMAT_VERSION}")
+        try:
+            config = FlowConfig.from_dict(header["flow"])
+            std = Standardization.from_dict(header["standardization"])
+            prior = None if header.get("prior") is None else prior_from_dict(header["prior"])
+            flow = build_flow(config, theta_dim=int(header["theta_dim"]),
+                              x_shape=tuple(header["x_shape"]), standardization=std)
+        except (KeyError, TypeError, ValueError) as err:
+            raise PosteriorFileError(f"model {path}: posterior.json is inconsistent "
+                                     f"({type(err).__name__}: {err}); written by engine "
+                                     f"{header.get('engine_version')!r}") from None
+        try:
+            state = serialization.msgpack_restore(pfile.read_bytes())
+        except Exception as err:  # noqa: BLE001 - msgpack raises many types on garbage
+            raise PosteriorFileError(f"model {path}: params.msgpack is corrupted "
+                                     f"({type(err).__name__})") from None
+        template = flow.init(jax.random.PRNGKey(0))
+        try:
+            params = serialization.from_state_dict(template, state)
+            shapes_ok = jax.tree.all(jax.tree.map(
+                lambda a, b: np.shape(a) == np.shape(b), template, params))
+        except (KeyError, ValueError, TypeError) as err:
+            raise PosteriorFileError(f"model {path}: parameters do not match the flow config "
+                                     f"({err})") from None
+        if not shapes_ok:
+            raise PosteriorFileError(f"model {path}: parameter shapes do not match the flow "
+                                     "config")
+        params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+        return cls(flow, params, prior=prior, metadata=header.get("metadata") or {})
+
+    def __repr__(self) -> str:
+        return (f"Posterior({self.flow.config.kind}, D={self.theta_dim}, "
+                f"x_shape={self.x_shape})")
+
+
+def hpd_threshold(posterior: Posterior, key: jax.Array, x_o: Any, *, epsilon: float = 1e-4,
+                  num_samples: int = 10_000) -> float:
+    """Log-density level whose super-level set holds ``1 - epsilon`` of the posterior mass.
+
+    Estimated as the ``epsilon`` quantile of ``log q(θ_i | x_o)`` over posterior samples.
+    """
+    samples = posterior.sample(key, num_samples, x_o)
+    lp = posterior.log_prob(samples, x_o)
+    return float(np.quantile(lp[np.isfinite(lp)], epsilon))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def load_posterior(path: str | os.PathLike):
+    """Load any saved posterior (JAX flows, or the sbi backend's) by its ``format`` field."""
+    path = Path(path)
+    hfile = path / "posterior.json"
+    try:
+        fmt = json.loads(hfile.read_text()).get("format")
+    except FileNotFoundError:
+        raise PosteriorFileError(f"model {path}: no posterior.json (expected a model "
+                                 "directory written by `sbi-engine train`)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise PosteriorFileError(f"model {path}: posterior.json is not valid JSON "
+                                 f"({err})") from None
+    if fmt == "sbi-engine-sbi-posterior":
+        from sbi_engine.interop.sbi import SbiPosterior
+
+        return SbiPosterior.load(path)
+    return Posterior.load(path)

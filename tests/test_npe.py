@@ -1,0 +1,174 @@
+"""NPE training and the Posterior: a tiny analytic problem, compile-once, NaN rows, files."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from sbi_engine import BoxUniform, ConfigError, Gaussian, ShapeError
+from sbi_engine.flows import FlowConfig
+from sbi_engine.npe import NPEConfig, train_npe, train_tsnpe
+from sbi_engine.posterior import Posterior, PosteriorFileError, SamplingError
+
+# Conjugate model: θ ~ N(0, I₂), x | θ ~ N(θ, σ² I₂)  →  θ | x ~ N(x / (1 + σ²), σ²/(1+σ²) I).
+SIGMA2 = 0.25
+
+
+def conjugate_data(n, seed=0):
+    rng = np.random.default_rng(seed)
+    theta = rng.normal(size=(n, 2)).astype(np.float32)
+    x = (theta + np.sqrt(SIGMA2) * rng.normal(size=(n, 2))).astype(np.float32)
+    return theta, x
+
+
+SMALL = dict(hidden=32, transforms=2, max_epochs=40, stop_after_epochs=5, batch_size=100)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    theta, x = conjugate_data(3000)
+    x[:7] = np.nan  # failed simulations must be excluded, not crash training
+    cfg = NPEConfig.for_estimator("maf", **SMALL)
+    return train_npe(jax.random.PRNGKey(0), theta, x, config=cfg,
+                     prior=Gaussian([0.0, 0.0], np.eye(2)), progress=False)
+
+
+def test_training_recovers_the_analytic_posterior(trained):
+    assert trained.excluded == 7
+    assert trained.compilations == 1  # one compiled epoch, reused every epoch
+    assert trained.val_loss[trained.best_epoch] == min(trained.val_loss)
+    x_o = np.array([0.8, -0.5], np.float32)
+    s = trained.posterior.sample(jax.random.PRNGKey(1), 4000, x_o)
+    post_mean = x_o / (1 + SIGMA2)
+    post_std = np.sqrt(SIGMA2 / (1 + SIGMA2))
+    np.testing.assert_allclose(s.mean(0), post_mean, atol=0.08)
+    np.testing.assert_allclose(s.std(0), post_std, rtol=0.15)
+    theta_map = trained.posterior.map(x_o, key=jax.random.PRNGKey(2))
+    np.testing.assert_allclose(theta_map, post_mean, atol=0.1)
+
+
+def test_loss_decreases_and_metadata(trained):
+    assert trained.train_loss[-1] < trained.train_loss[0]
+    s = trained.summary()
+    assert s["epochs"] == trained.epochs and s["excluded_rows"] == 7
+
+
+def test_batched_observations_and_log_prob(trained):
+    post = trained.posterior
+    xs = np.array([[0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]], np.float32)
+    s = post.sample(jax.random.PRNGKey(0), 50, xs)
+    assert s.shape == (3, 50, 2)
+    lp = post.log_prob(np.zeros((4, 2)), xs[0])
+    assert lp.shape == (4,) and np.isfinite(lp).all()
+    lp2 = post.log_prob(np.zeros((3, 2)), xs)
+    assert lp2.shape == (3,)
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (np.array([np.nan, 0.0]), "x: contains NaN or inf"),
+        (np.array([0.0, 0.0, 0.0]), "expected shape \\(2,\\)"),
+        (np.array([[0.0, np.inf]]), "contains NaN or inf"),
+        ("text", "numeric array"),
+    ],
+)
+def test_bad_observations_are_named(trained, x, match):
+    with pytest.raises(ShapeError, match=match):
+        trained.posterior.sample(jax.random.PRNGKey(0), 10, x)
+
+
+def test_save_load_round_trip_and_bad_files(trained, tmp_path):
+    path = trained.posterior.save(tmp_path / "model")
+    loaded = Posterior.load(path)
+    x_o = np.array([0.3, 0.1], np.float32)
+    a = trained.posterior.sample(jax.random.PRNGKey(5), 100, x_o)
+    b = loaded.sample(jax.random.PRNGKey(5), 100, x_o)
+    np.testing.assert_array_equal(a, b)
+    assert loaded.metadata["best_epoch"] == trained.best_epoch
+    # Saving over an existing model replaces it atomically.
+    trained.posterior.save(path)
+    Posterior.load(path)
+
+    header = json.loads((path / "posterior.json").read_text())
+    header["format_version"] = 7
+    (path / "posterior.json").write_text(json.dumps(header))
+    with pytest.raises(PosteriorFileError, match="format version 7"):
+        Posterior.load(path)
+    header["format_version"] = 1
+    header["flow"]["hidden"] = 64  # the weights no longer fit the config
+    (path / "posterior.json").write_text(json.dumps(header))
+    with pytest.raises(PosteriorFileError, match="do not match"):
+        Posterior.load(path)
+    header["flow"]["hidden"] = 32
+    (path / "posterior.json").write_text(json.dumps(header))
+    data = (path / "params.msgpack").read_bytes()
+    (path / "params.msgpack").write_bytes(data[: len(data) // 3])
+    with pytest.raises(PosteriorFileError, match="corrupted"):
+        Posterior.load(path)
+    with pytest.raises(PosteriorFileError, match="expected a directory"):
+        Posterior.load(tmp_path / "nothing")
+
+
+def test_rejection_sampling_reports_acceptance_and_stops_when_hopeless(trained):
+    post = trained.posterior
+    narrow = Posterior(post.flow, post.params, prior=BoxUniform(-0.5, 0.5, dim=2))
+    s = narrow.sample(jax.random.PRNGKey(0), 200, np.zeros(2))
+    assert np.abs(s).max() <= 0.5 and 0 < narrow.acceptance_rate < 1
+    tiny = Posterior(post.flow, post.params, prior=BoxUniform(5.0, 5.001, dim=2))
+    with pytest.raises(SamplingError, match="reject_outside_prior=False"):
+        tiny.sample(jax.random.PRNGKey(0), 100, np.zeros(2))
+    free = tiny.sample(jax.random.PRNGKey(0), 100, np.zeros(2), reject_outside_prior=False)
+    assert free.shape == (100, 2)
+
+
+def test_bounded_prior_in_unconstrained_space():
+    rng = np.random.default_rng(1)
+    theta = rng.uniform(-1, 1, size=(2000, 2)).astype(np.float32)
+    x = (theta + 0.3 * rng.normal(size=(2000, 2))).astype(np.float32)
+    prior = BoxUniform(-1.0, 1.0, dim=2)
+    cfg = NPEConfig(flow=FlowConfig(kind="maf", hidden=32, transforms=2,
+                                    z_score_theta="transform_to_unconstrained"),
+                    max_epochs=15, stop_after_epochs=5)
+    res = train_npe(jax.random.PRNGKey(0), theta, x, config=cfg, prior=prior, progress=False)
+    s = res.posterior.sample(jax.random.PRNGKey(0), 1000, np.array([0.9, -0.9]))
+    assert res.posterior.acceptance_rate == 1.0  # all mass inside the box by construction
+    assert np.abs(s).max() <= 1.0
+
+
+def test_tsnpe_runs_rounds_on_a_simulator():
+    from tests import toy_simulators as toys
+
+    sim = toys.gauss()
+    cfg = NPEConfig.for_estimator("maf", **SMALL)
+    post, log = train_tsnpe(jax.random.PRNGKey(0), sim, np.array([0.2, 0.1]), rounds=2,
+                            simulations_per_round=600, config=cfg, progress=False)
+    assert [r["round"] for r in log] == [1, 2]
+    assert log[1]["proposal_acceptance"] < 0.5  # round 2 draws from a truncated prior
+    s = post.sample(jax.random.PRNGKey(1), 500, np.array([0.2, 0.1]))
+    np.testing.assert_allclose(s.mean(0), [0.2, 0.1], atol=0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"stop_after_epochs": -1}, "stop_after_epochs"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        NPEConfig(**kwargs)
+    with pytest.raises(ConfigError, match="unknown key 'learnig_rate'"):
+        NPEConfig.from_dict({"learnig_rate": 1e-3})
+
+
+def test_bad_training_data_shapes():
+    with pytest.raises(ShapeError, match="x: expected shape \\(10, X...\\)"):
+        train_npe(jax.random.PRNGKey(0), np.zeros((10, 2)), np.zeros((9, 2)), progress=False)
+    with pytest.raises(ShapeError, match="at least 2 finite rows"):
+        train_npe(jax.random.PRNGKey(0), np.zeros((3, 2)), np.full((3, 2), np.nan),
+                  progress=False)
