@@ -10,6 +10,18 @@ from sbi_engine.errors import (
     ShapeError,
     UnknownSimulatorError,
 )
+from sbi_engine.events import (
+    EventData,
+    EventGenerator,
+    Process,
+    get_generator,
+    list_generators,
+    make_dataset,
+    register_generator,
+)
+from sbi_engine.flows import CNNEmbedding, FlowConfig, MLPEmbedding
+from sbi_engine.npe import NPEConfig, TrainResult, train_npe, train_tsnpe
+from sbi_engine.posterior import Posterior, load_posterior
 from sbi_engine.priors import (
     BoxUniform,
     Gaussian,
@@ -20,6 +32,7 @@ from sbi_engine.priors import (
     prior_from_dict,
     prior_from_parameters,
 )
+from sbi_engine.simulate import SimulationResult, simulate
 from sbi_engine.simulator import (
     BlackBoxSimulator,
     JaxSimulator,
@@ -30,30 +43,51 @@ from sbi_engine.simulator import (
     list_simulators,
     register_simulator,
 )
+from sbi_engine.store import Dataset, load_dataset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlackBoxSimulator",
     "BoxUniform",
+    "CNNEmbedding",
     "ConfigError",
+    "Dataset",
     "DatasetError",
+    "EventData",
+    "EventGenerator",
+    "FlowConfig",
     "Gaussian",
     "JaxSimulator",
     "LogUniform",
+    "MLPEmbedding",
+    "NPEConfig",
     "Parameter",
+    "Posterior",
     "Prior",
+    "Process",
     "ProductPrior",
     "SbiEngineError",
     "ShapeError",
     "SimulationReport",
+    "SimulationResult",
     "Simulator",
+    "TrainResult",
     "TruncatedGaussian",
     "UnknownSimulatorError",
     "__version__",
+    "get_generator",
     "get_simulator",
+    "list_generators",
     "list_simulators",
+    "load_dataset",
+    "load_posterior",
+    "make_dataset",
     "prior_from_dict",
     "prior_from_parameters",
+    "register_generator",
     "register_simulator",
+    "simulate",
+    "train_npe",
+    "train_tsnpe",
 ]
