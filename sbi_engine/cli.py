@@ -87,11 +87,36 @@ def cmd_simulators(args) -> int:
     return 0
 
 
+def _rate(rate: float) -> str:
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
+def _parse_options(extra: list[str]) -> dict:
+    """``--noise-std 0 --features 15`` → ``{"noise_std": 0, "features": 15}`` (JSON values)."""
+    options, i = {}, 0
+    while i < len(extra):
+        flag = extra[i]
+        if not flag.startswith("--") or len(flag) < 3:
+            raise ShapeError(f"unexpected argument {flag!r}")
+        name, _, value = flag[2:].partition("=")
+        if not value:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ShapeError(f"simulator option --{name}: missing a value")
+            value = extra[i + 1]
+            i += 1
+        try:
+            options[name.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name.replace("-", "_")] = value
+        i += 1
+    return options
+
+
 def cmd_simulate(args) -> int:
     from sbi_engine.simulate import simulate
     from sbi_engine.simulator import get_simulator
 
-    sim = get_simulator(args.name)
+    sim = get_simulator(args.name, **_parse_options(args.extra))
     theta = _load_array(args.theta, "--theta") if args.theta else None
     if theta is None and args.num is None:
         raise ShapeError("--num: required unless --theta gives the parameters")
@@ -100,7 +125,7 @@ def cmd_simulate(args) -> int:
     rep = result.report
     if result.simulated:
         print(f"{args.out}: {rep.summary()}; simulated {result.simulated} now in "
-              f"{result.seconds:.1f} s, {result.rate:,.0f} sims/s")
+              f"{result.seconds:.1f} s, {_rate(result.rate)} sims/s")
     else:
         print(f"{args.out}: {rep.summary()}; already complete, nothing to simulate")
     return 0
@@ -270,7 +295,7 @@ def cmd_demo(args) -> int:
     result = simulate(sim, args.num, args.seed, out=out / f"{name}.zarr", progress=True)
     if result.simulated:
         print(f"  {result.report.summary()}; {result.simulated:,} simulated now in "
-              f"{result.seconds:.2f} s ({result.rate:,.0f} sims/s)")
+              f"{result.seconds:.2f} s ({_rate(result.rate)} sims/s)")
     else:
         print(f"  {result.report.summary()}; already complete, reused")
     x, valid = result.x, result.valid
@@ -312,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="show this simulator's parameters")
     p.set_defaults(func=cmd_simulators)
 
-    p = sub.add_parser("simulate", help="simulate a dataset into a resumable zarr store")
+    p = sub.add_parser(
+        "simulate", help="simulate a dataset into a resumable zarr store",
+        epilog="Further --key value options go to the simulator's factory, e.g. "
+               "`sbi-engine simulate pyloric --noise-std 0 ...`; they are recorded in the "
+               "dataset manifest.")
     p.add_argument("name", help="simulator name (see `sbi-engine simulators`)")
     p.add_argument("--num", type=int, help="number of simulations (from the prior)")
     p.add_argument("--seed", type=int, default=0, help="integer seed (default 0)")
@@ -370,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sbi-engine`` console script. Returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) != "simulate":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if args.command is None:
         parser.print_help()
         return EXIT_ERROR

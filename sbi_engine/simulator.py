@@ -166,6 +166,7 @@ class Simulator(abc.ABC):
         if nuisances and nuisance_prior is None:
             nuisance_prior = prior_from_parameters(nuisances)
         self.nuisance_prior: Prior | None = nuisance_prior
+        self.options: dict[str, Any] = {}  # factory keyword arguments, set by get_simulator
 
     @property
     def dim_theta(self) -> int:
@@ -200,6 +201,7 @@ class Simulator(abc.ABC):
             "observables": list(self.observables),
             "prior": self.prior.to_dict(),
             "nuisance_prior": self.nuisance_prior.to_dict() if self.nuisance_prior else None,
+            "options": dict(sorted(self.options.items())),
         }
 
     def check_theta(self, theta: Any, *, field: str = "theta", check_support: bool = True
@@ -469,4 +471,5 @@ def get_simulator(name: str, **kwargs: Any) -> Simulator:
     if not isinstance(sim, Simulator):
         raise UnknownSimulatorError(
             f"simulator {name!r}: factory returned {type(sim).__name__}, not a Simulator")
+    sim.options = dict(kwargs)
     return sim

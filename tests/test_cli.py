@@ -86,3 +86,30 @@ def test_demo_runs_small(tmp_path, capsys):
     code, out, err = run(capsys, "demo", "--out", str(tmp_path), "--num", "2000")
     assert code == 0, err
     assert "sbibm observation 1" in out and "max |z|" in out
+
+
+def test_simulator_options_reach_the_factory_and_the_manifest(tmp_path, capsys):
+    from sbi_engine import simulator as simulator_mod
+    from sbi_engine.simulator import register_simulator
+    from tests import toy_simulators as toys
+
+    def factory(shift=0.0, label="a"):
+        sim = toys.shifted()
+        sim.nominal_nu = lambda: np.array([shift], np.float32)
+        return sim
+
+    register_simulator("toy_opts", factory, overwrite=True)
+    try:
+        code, _, err = run(capsys, "simulate", "toy_opts", "--num", "50", "--out",
+                           str(tmp_path / "d"), "--shift", "0.25", "--label=b", "--quiet")
+        assert code == 0, err
+        m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+        assert m["simulator_spec"]["options"] == {"label": "b", "shift": 0.25}
+        code, _, err = run(capsys, "simulate", "toy_opts", "--num", "50", "--out",
+                           str(tmp_path / "e"), "--nope", "1")
+        assert code == 2 and "bad options ['nope']" in err
+        code, _, err = run(capsys, "simulate", "toy_opts", "--num", "50", "--out",
+                           str(tmp_path / "e"), "--shift")
+        assert code == 2 and "--shift: missing a value" in err
+    finally:
+        simulator_mod._REGISTRY.pop("toy_opts", None)
