@@ -17,6 +17,7 @@ refused with the reason.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import shutil
@@ -35,7 +36,15 @@ from sbi_engine.errors import SbiEngineError, ShapeError
 from sbi_engine.flows import ConditionalFlow, FlowConfig, Standardization, build_flow
 from sbi_engine.priors import Prior, prior_from_dict
 
-__all__ = ["Posterior", "PosteriorFileError", "SamplingError", "hpd_threshold", "load_posterior"]
+__all__ = [
+    "BasePosterior",
+    "Posterior",
+    "PosteriorFileError",
+    "SamplingError",
+    "hpd_threshold",
+    "jsonable",
+    "load_posterior",
+]
 
 FORMAT = "sbi-engine-posterior"
 FORMAT_VERSION = 1
@@ -49,33 +58,46 @@ class PosteriorFileError(SbiEngineError):
     """A model directory is missing, corrupted, or from an incompatible version."""
 
 
-class Posterior:
-    """A trained posterior estimator.
+class BasePosterior(abc.ABC):
+    """What every trained posterior offers: checks, densities, rejection sampling, MAP.
 
-    Args:
-        flow: the built conditional flow (with its standardisation).
-        params: the flow's parameter pytree.
-        prior: the prior used in training (support for rejection; may be None).
+    Backends (JAX flows here, sbi's torch flows in :mod:`sbi_engine.interop.sbi`)
+    implement three primitives — ``_draw`` (unconstrained draws), ``_log_prob_rows``
+    and ``_climb`` (the MAP ascent) — and inherit the rest, so validation, rejection
+    outside the prior and batching over observations behave identically.
+
+    Attributes:
+        prior: the training prior (support for rejection; may be None).
         metadata: JSON-serialisable facts about training (saved with the model).
+        acceptance_rate: the fraction of draws inside the support in the last ``sample``.
     """
 
-    def __init__(self, flow: ConditionalFlow, params: Any, *, prior: Prior | None = None,
-                 metadata: dict[str, Any] | None = None):
-        self.flow = flow
-        self.params = params
-        self.prior = prior
-        self.metadata = dict(metadata or {})
-        self.acceptance_rate: float | None = None
-        self._log_prob = jax.jit(flow.log_prob)
-        self._draw = jax.jit(flow.sample, static_argnums=(3,))
+    prior: Prior | None
+    metadata: dict[str, Any]
+    acceptance_rate: float | None
 
     @property
+    @abc.abstractmethod
     def theta_dim(self) -> int:
-        return self.flow.theta_dim
+        """D."""
 
     @property
+    @abc.abstractmethod
     def x_shape(self) -> tuple[int, ...]:
-        return self.flow.x_shape
+        """The shape of one observation, X."""
+
+    @abc.abstractmethod
+    def _draw(self, key: jax.Array, batch: int, x: np.ndarray) -> np.ndarray:
+        """``batch`` draws for one checked observation ``x (*X,)``. Returns ``(batch, D)``."""
+
+    @abc.abstractmethod
+    def _log_prob_rows(self, theta: np.ndarray, x: np.ndarray, batched: bool) -> np.ndarray:
+        """``log q`` of checked ``theta (m, D)`` given ``x (*X,)`` or ``(m, *X)``. ``(m,)``."""
+
+    @abc.abstractmethod
+    def _climb(self, theta0: np.ndarray, x: np.ndarray, low: np.ndarray, high: np.ndarray,
+               steps: int, learning_rate: float) -> np.ndarray:
+        """Projected Adam ascent of ``log q(θ | x)`` from ``theta0 (D,)``. Returns ``(D,)``."""
 
     # -- input checks --------------------------------------------------------------------
 
@@ -83,6 +105,9 @@ class Posterior:
         """Validate an observation ``(*X,)`` or a batch ``(m, *X)``. Returns (array, batched).
 
         ``(1, *X)`` is read as one observation (as sbi does).
+
+        Raises:
+            ShapeError: wrong shape, or NaN/inf anywhere (naming ``field``).
         """
         try:
             arr = np.asarray(x, dtype=np.float32)
@@ -113,6 +138,12 @@ class Posterior:
             raise ShapeError(f"theta: expected shape (n, {self.theta_dim}), got {arr.shape}")
         return arr
 
+    def _in_support(self, theta: np.ndarray) -> np.ndarray:
+        ok = np.isfinite(theta).all(axis=1)
+        if self.prior is not None:
+            ok &= np.asarray(self.prior.in_support(theta))
+        return ok
+
     # -- densities ---------------------------------------------------------------------------
 
     def log_prob(self, theta: Any, x: Any, *, chunk: int = 100_000) -> np.ndarray:
@@ -121,6 +152,7 @@ class Posterior:
         Args:
             theta: ``(n, D)``.
             x: one observation ``(*X,)`` for all rows, or ``(n, *X)``.
+            chunk: rows per call of the estimator.
 
         Returns:
             ``(n,)`` float32 (not renormalised for the mass rejected outside the prior).
@@ -132,8 +164,7 @@ class Posterior:
         out = np.empty(theta.shape[0], np.float32)
         for a in range(0, theta.shape[0], chunk):
             b = min(a + chunk, theta.shape[0])
-            out[a:b] = np.asarray(self._log_prob(self.params, theta[a:b],
-                                                 x[a:b] if batched else x))
+            out[a:b] = self._log_prob_rows(theta[a:b], x[a:b] if batched else x, batched)
         if self.prior is not None:
             out[~np.asarray(self.prior.in_support(theta))] = -np.inf
         return out
@@ -144,19 +175,22 @@ class Posterior:
                min_acceptance: float = 1e-3, batch: int | None = None) -> np.ndarray:
         """Draw ``n`` posterior samples for one observation or each of many.
 
+        The same key gives the same samples.
+
         Args:
             key: PRNG key.
             n: samples per observation.
             x: ``(*X,)`` → returns ``(n, D)``; ``(m, *X)`` → returns ``(m, n, D)``.
-            reject_outside_prior: drop samples outside the prior's support (default).
+            reject_outside_prior: drop samples outside the prior's support (default);
+                the rate is kept in ``acceptance_rate``.
             min_acceptance: stop with :class:`SamplingError` when the acceptance rate
                 falls below this (after at least 10,000 draws); warns below 10×.
-            batch: draws per compiled call (default ``max(n, 1000)`` rounded up).
+            batch: draws per call (default ``max(n, 1024)`` rounded up to a power of two).
 
         Raises:
             SamplingError: acceptance below ``min_acceptance``.
         """
-        if not isinstance(n, int | np.integer) or n < 1:
+        if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 1:
             raise ShapeError(f"n: expected a positive integer, got {n!r}")
         x, batched = self.check_x(x)
         if batched:
@@ -168,16 +202,16 @@ class Posterior:
     def _sample_one(self, key, n, x, reject, min_acceptance, batch):
         batch = int(batch or max(1024, 1 << (n - 1).bit_length()))
         if not reject or self.prior is None:
-            draws = [np.asarray(self._draw(self.params, jax.random.fold_in(key, i), x, batch))
+            draws = [self._draw(jax.random.fold_in(key, i), batch, x)
                      for i in range(-(-n // batch))]
             self.acceptance_rate = 1.0
             return np.concatenate(draws)[:n]
         kept, total, drawn, i = [], 0, 0, 0
         warned = False
         while total < n:
-            cand = np.asarray(self._draw(self.params, jax.random.fold_in(key, i), x, batch))
+            cand = self._draw(jax.random.fold_in(key, i), batch, x)
             i += 1
-            ok = np.asarray(self.prior.in_support(cand)) & np.isfinite(cand).all(axis=1)
+            ok = self._in_support(cand)
             kept.append(cand[ok])
             total += int(ok.sum())
             drawn += batch
@@ -192,7 +226,7 @@ class Posterior:
                     "FlowConfig(z_score_theta='transform_to_unconstrained') or more simulations")
             if drawn >= 10_000 and rate < 10 * min_acceptance and not warned:
                 warnings.warn(f"posterior sampling: low acceptance {rate:.2e} inside the prior "
-                              "support", stacklevel=3)
+                              "support", stacklevel=4)
                 warned = True
         self.acceptance_rate = total / drawn
         return np.concatenate(kept)[:n]
@@ -202,7 +236,7 @@ class Posterior:
         """Maximum a posteriori estimate for one observation ``x (*X,)``. Returns ``(D,)``.
 
         Starts from the best of ``num_init`` posterior samples and climbs ``log q(θ|x)``
-        with Adam, projected onto the prior's support.
+        with Adam, projected onto the prior's support. A batch ``(m, *X)`` gives ``(m, D)``.
         """
         x, batched = self.check_x(x)
         if batched:
@@ -210,13 +244,52 @@ class Posterior:
             return np.stack([self.map(x[i], key=keys[i], num_init=num_init, steps=steps,
                                       learning_rate=learning_rate) for i in range(x.shape[0])])
         init = self.sample(key, num_init, x)
-        lp = self.log_prob(init, x)
-        theta0 = jnp.asarray(init[int(np.argmax(lp))])
+        theta0 = init[int(np.argmax(self.log_prob(init, x)))]
         low, high = (self.prior.support if self.prior is not None
                      else (np.full(self.theta_dim, -np.inf), np.full(self.theta_dim, np.inf)))
-        low, high = jnp.asarray(low, jnp.float32), jnp.asarray(high, jnp.float32)
+        theta = np.asarray(self._climb(theta0, x, np.asarray(low, np.float32),
+                                       np.asarray(high, np.float32), steps, learning_rate))
+        both = self.log_prob(np.stack([theta, theta0]), x)
+        return theta if both[0] >= both[1] else np.asarray(theta0)
+
+
+class Posterior(BasePosterior):
+    """A trained JAX posterior estimator (conditional flow + parameters).
+
+    Args:
+        flow: the built conditional flow (with its standardisation).
+        params: the flow's parameter pytree.
+        prior: the prior used in training (support for rejection; may be None).
+        metadata: JSON-serialisable facts about training (saved with the model).
+    """
+
+    def __init__(self, flow: ConditionalFlow, params: Any, *, prior: Prior | None = None,
+                 metadata: dict[str, Any] | None = None):
+        self.flow = flow
+        self.params = params
+        self.prior = prior
+        self.metadata = dict(metadata or {})
+        self.acceptance_rate = None
+        self._log_prob = jax.jit(flow.log_prob)
+        self._sample = jax.jit(flow.sample, static_argnums=(3,))
+
+    @property
+    def theta_dim(self) -> int:
+        return self.flow.theta_dim
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return self.flow.x_shape
+
+    def _draw(self, key, batch, x):
+        return np.asarray(self._sample(self.params, key, x, batch))
+
+    def _log_prob_rows(self, theta, x, batched):
+        return np.asarray(self._log_prob(self.params, theta, x))
+
+    def _climb(self, theta0, x, low, high, steps, learning_rate):
         opt = optax.adam(learning_rate)
-        params = self.params
+        params, low, high = self.params, jnp.asarray(low), jnp.asarray(high)
 
         def neg_lp(t):
             return -self.flow.log_prob(params, t[None], x)[0]
@@ -233,9 +306,7 @@ class Posterior:
             (t, _), _ = jax.lax.scan(step, (theta, opt.init(theta)), None, length=steps)
             return t
 
-        theta = climb(theta0)
-        best = np.asarray(theta) if neg_lp(theta) <= neg_lp(theta0) else np.asarray(theta0)
-        return best
+        return np.asarray(climb(jnp.asarray(theta0)))
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -253,7 +324,7 @@ class Posterior:
             "prior": None if self.prior is None else self.prior.to_dict(),
             "theta_dim": self.theta_dim,
             "x_shape": list(self.x_shape),
-            "metadata": _jsonable(self.metadata),
+            "metadata": jsonable(self.metadata),
         }
         state = serialization.to_state_dict(jax.tree.map(np.asarray, self.params))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,11 +418,12 @@ def hpd_threshold(posterior: Posterior, key: jax.Array, x_o: Any, *, epsilon: fl
     return float(np.quantile(lp[np.isfinite(lp)], epsilon))
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` with numpy arrays and scalars turned into lists and Python numbers."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, np.generic):

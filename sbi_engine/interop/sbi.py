@@ -83,7 +83,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.flows import FlowConfig
 from sbi_engine.npe import NPEConfig
-from sbi_engine.posterior import PosteriorFileError, SamplingError
+from sbi_engine.posterior import BasePosterior, PosteriorFileError, jsonable
 from sbi_engine.priors import (
     BoxUniform,
     Gaussian,
@@ -553,7 +553,7 @@ def _sbi_version() -> str:
 # ------------------------------------------------------------------------------------
 
 
-class SbiPosterior:
+class SbiPosterior(BasePosterior):
     """An sbi-trained posterior with the interface of :class:`sbi_engine.posterior.Posterior`.
 
     Args:
@@ -573,7 +573,7 @@ class SbiPosterior:
         self.prior = prior
         self._x_shape = tuple(int(s) for s in x_shape)
         self.metadata = dict(metadata or {})
-        self.acceptance_rate: float | None = None
+        self.acceptance_rate = None
 
     @property
     def theta_dim(self) -> int:
@@ -583,178 +583,29 @@ class SbiPosterior:
     def x_shape(self) -> tuple[int, ...]:
         return self._x_shape
 
-    # -- input checks --------------------------------------------------------------------
-
-    def check_x(self, x: Any, *, field: str = "x") -> tuple[np.ndarray, bool]:
-        """Validate an observation ``(*X,)`` or a batch ``(m, *X)``. Returns (array, batched).
-
-        Raises:
-            ShapeError: wrong shape, or NaN/inf anywhere (naming ``field``).
-        """
-        try:
-            arr = np.asarray(x, dtype=np.float32)
-        except (TypeError, ValueError) as err:
-            raise ShapeError(f"{field}: expected a numeric array ({err})") from None
-        shape = self.x_shape
-        if arr.shape == shape:
-            batched = False
-        elif arr.ndim == len(shape) + 1 and arr.shape[1:] == shape:
-            batched = True
-        elif arr.ndim == 2 and arr.shape[0] == 1 and arr.shape[1:] == shape:
-            arr, batched = arr[0], False
-        else:
-            raise ShapeError(f"{field}: expected shape {shape} or (m, {', '.join(map(str, shape))})"
-                             f", got {arr.shape}")
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            where = np.argwhere(bad)[0].tolist()
-            raise ShapeError(f"{field}: contains NaN or inf (first at index {where}); "
-                             "an observation must be finite")
-        return arr, batched
-
-    def _check_theta(self, theta: Any) -> np.ndarray:
-        arr = np.asarray(theta, dtype=np.float32)
-        if arr.ndim == 1 and arr.shape[0] == self.theta_dim:
-            arr = arr[None]
-        if arr.ndim != 2 or arr.shape[1] != self.theta_dim:
-            raise ShapeError(f"theta: expected shape (n, {self.theta_dim}), got {arr.shape}")
-        return arr
-
     def _condition(self, x: np.ndarray) -> torch.Tensor:
         """``(*X,)`` -> ``(1, prod X)``; ``(m, *X)`` -> ``(m, prod X)``."""
         flat = int(np.prod(self.x_shape, dtype=np.int64))
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, flat))
 
-    def _in_support(self, theta: np.ndarray) -> np.ndarray:
-        ok = np.isfinite(theta).all(axis=1)
-        if self.prior is not None:
-            ok &= np.asarray(self.prior.in_support(theta))
-        return ok
-
-    # -- densities -------------------------------------------------------------------------
-
-    def log_prob(self, theta: Any, x: Any, *, chunk: int = 100_000) -> np.ndarray:
-        """``log q(θ | x)``; ``-inf`` outside the prior's support.
-
-        Args:
-            theta: ``(n, D)``.
-            x: one observation ``(*X,)`` for all rows, or ``(n, *X)``.
-            chunk: rows per network call.
-
-        Returns:
-            ``(n,)`` float32 (not renormalised for the mass rejected outside the prior).
-        """
-        theta = self._check_theta(theta)
-        x, batched = self.check_x(x)
-        if batched and x.shape[0] != theta.shape[0]:
-            raise ShapeError(f"x: {x.shape[0]} observations for {theta.shape[0]} theta rows")
+    def _log_prob_rows(self, theta, x, batched):
         cond = self._condition(x)
-        out = np.empty(theta.shape[0], np.float32)
+        t = torch.from_numpy(np.ascontiguousarray(theta))
         with torch.no_grad():
-            for a in range(0, theta.shape[0], chunk):
-                b = min(a + chunk, theta.shape[0])
-                t = torch.from_numpy(theta[a:b])
-                if batched:  # (1, b-a, D) against (b-a, X)
-                    lp = self.net.log_prob(t[None], cond[a:b])[0]
-                else:  # (b-a, 1, D) against (1, X)
-                    lp = self.net.log_prob(t[:, None], cond)[:, 0]
-                out[a:b] = lp.numpy()
-        if self.prior is not None:
-            out[~np.asarray(self.prior.in_support(theta))] = -np.inf
-        return out
+            if batched:  # (1, m, D) against (m, X)
+                return self.net.log_prob(t[None], cond)[0].numpy()
+            return self.net.log_prob(t[:, None], cond)[:, 0].numpy()  # (m, 1, D) vs (1, X)
 
-    # -- sampling --------------------------------------------------------------------------
-
-    def _draw(self, key: jax.Array, batch: int, cond: torch.Tensor) -> np.ndarray:
+    def _draw(self, key, batch, x):
+        cond = self._condition(x)
         with _seeded_torch(_seed_from_key(key)), torch.no_grad(), warnings.catch_warnings():
             # nflows' LULinear inverse (nsf sampling) calls a deprecated torch solver.
             warnings.filterwarnings("ignore", message="torch.triangular_solve is deprecated")
             return self.net.sample((batch,), cond)[:, 0].numpy()
 
-    def sample(self, key: jax.Array, n: int, x: Any, *, reject_outside_prior: bool = True,
-               min_acceptance: float = 1e-3, batch: int | None = None) -> np.ndarray:
-        """Draw ``n`` posterior samples for one observation or each of many.
-
-        The same key gives the same samples (torch is seeded from ``key`` inside a
-        context that restores torch's global generator afterwards).
-
-        Args:
-            key: JAX PRNG key.
-            n: samples per observation.
-            x: ``(*X,)`` → returns ``(n, D)``; ``(m, *X)`` → returns ``(m, n, D)``.
-            reject_outside_prior: drop samples outside the prior's support (default,
-                as sbi's ``DirectPosterior``); the rate is kept in ``acceptance_rate``.
-            min_acceptance: stop with :class:`~sbi_engine.posterior.SamplingError` when
-                the acceptance rate falls below this (after at least 10,000 draws);
-                warns below 10×.
-            batch: draws per network call (default ``max(n, 1024)`` rounded up to a
-                power of two).
-
-        Raises:
-            SamplingError: acceptance below ``min_acceptance``.
-        """
-        if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 1:
-            raise ShapeError(f"n: expected a positive integer, got {n!r}")
-        x, batched = self.check_x(x)
-        if batched:
-            keys = jax.random.split(key, x.shape[0])
-            return np.stack([self._sample_one(keys[i], int(n), x[i], reject_outside_prior,
-                                              min_acceptance, batch) for i in range(x.shape[0])])
-        return self._sample_one(key, int(n), x, reject_outside_prior, min_acceptance, batch)
-
-    def _sample_one(self, key, n, x, reject, min_acceptance, batch):
-        batch = int(batch or max(1024, 1 << (n - 1).bit_length()))
+    def _climb(self, theta0, x, low, high, steps, learning_rate):
         cond = self._condition(x)
-        if not reject or self.prior is None:
-            draws = [self._draw(jax.random.fold_in(key, i), batch, cond)
-                     for i in range(-(-n // batch))]
-            self.acceptance_rate = 1.0
-            return np.concatenate(draws)[:n]
-        kept, total, drawn, i = [], 0, 0, 0
-        warned = False
-        while total < n:
-            cand = self._draw(jax.random.fold_in(key, i), batch, cond)
-            i += 1
-            ok = self._in_support(cand)
-            kept.append(cand[ok])
-            total += int(ok.sum())
-            drawn += batch
-            rate = total / drawn
-            if drawn >= 10_000 and rate < min_acceptance:
-                self.acceptance_rate = rate
-                raise SamplingError(
-                    f"posterior sampling: only {rate:.2e} of samples fall inside the prior "
-                    f"support after {drawn} draws (below {min_acceptance:g}); the estimator "
-                    "puts its mass outside the prior. Use sample(..., "
-                    "reject_outside_prior=False) to sample without rejection, or retrain "
-                    "with more simulations")
-            if drawn >= 10_000 and rate < 10 * min_acceptance and not warned:
-                warnings.warn(f"posterior sampling: low acceptance {rate:.2e} inside the prior "
-                              "support", stacklevel=3)
-                warned = True
-        self.acceptance_rate = total / drawn
-        return np.concatenate(kept)[:n]
-
-    def map(self, x: Any, *, key: jax.Array, num_init: int = 1000, steps: int = 300,
-            learning_rate: float = 1e-2) -> np.ndarray:
-        """Maximum a posteriori estimate for one observation ``x (*X,)``. Returns ``(D,)``.
-
-        Starts from the best of ``num_init`` posterior samples and climbs ``log q(θ|x)``
-        with Adam, projected onto the prior's support (as :meth:`Posterior.map`). A batch
-        ``(m, *X)`` returns ``(m, D)``.
-        """
-        x, batched = self.check_x(x)
-        if batched:
-            keys = jax.random.split(key, x.shape[0])
-            return np.stack([self.map(x[i], key=keys[i], num_init=num_init, steps=steps,
-                                      learning_rate=learning_rate) for i in range(x.shape[0])])
-        init = self.sample(key, num_init, x)
-        lp = self.log_prob(init, x)
-        theta0 = init[int(np.argmax(lp))]
-        low, high = (self.prior.support if self.prior is not None
-                     else (np.full(self.theta_dim, -np.inf), np.full(self.theta_dim, np.inf)))
         low_t, high_t = _t(low), _t(high)
-        cond = self._condition(x)
 
         def neg_lp(t: torch.Tensor) -> torch.Tensor:
             return -self.net.log_prob(t[None, None], cond)[0, 0]
@@ -768,9 +619,7 @@ class SbiPosterior:
                 opt.step()
                 with torch.no_grad():
                     t.copy_(torch.minimum(torch.maximum(t, low_t), high_t))
-        with torch.no_grad():
-            better = bool(neg_lp(t) <= neg_lp(torch.from_numpy(theta0)))
-        return t.detach().numpy().copy() if better else np.asarray(theta0)
+        return t.detach().numpy().copy()
 
     # -- files -------------------------------------------------------------------------------
 
@@ -799,7 +648,7 @@ class SbiPosterior:
             "prior": None if self.prior is None else self.prior.to_dict(),
             "theta_dim": self.theta_dim,
             "x_shape": list(self.x_shape),
-            "metadata": _jsonable(self.metadata),
+            "metadata": jsonable(self.metadata),
             "weights": {"file": _WEIGHTS, "sha256": hashlib.sha256(weights).hexdigest()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -917,15 +766,3 @@ def _rebuild_net(flow: FlowConfig, theta_dim: int, x_shape: tuple[int, ...]):
     with _seeded_torch(0), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sbi's shape warnings were shown at training
         return _build_net(flow, theta, x).eval()
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
