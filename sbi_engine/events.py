@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib.metadata
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -47,8 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sbi_engine.errors import ConfigError, ShapeError, UnknownSimulatorError
+from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.priors import BoxUniform, Prior, ProductPrior, TruncatedGaussian
+from sbi_engine.registry import NAME_RE, Registry
 from sbi_engine.simulator import Parameter, row_keys
 
 __all__ = [
@@ -63,7 +62,6 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "sbi_engine.event_generators"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +77,7 @@ class Process:
     signal: bool
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not NAME_RE.match(self.name):
             raise ConfigError(f"Process name: expected lowercase [a-z0-9_-], got {self.name!r}")
 
 
@@ -116,7 +114,7 @@ class EventGenerator(abc.ABC):
                    constraints: Sequence[float | None] | None = None, version: str = "1",
                    description: str = "") -> None:
         """Validate and store the spec; called once from a subclass ``__init__``."""
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.match(name):
             raise ConfigError(f"generator name: expected lowercase [a-z0-9_-], got {name!r}")
         processes, nuisances, features = tuple(processes), tuple(nuisances), tuple(features)
         if not processes or not any(p.signal for p in processes) or all(
@@ -382,27 +380,20 @@ def make_dataset(key: jax.Array, generator: EventGenerator, nu: Any = None,
 # Registry
 # ------------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, Callable[[], EventGenerator] | EventGenerator] = {}
+_GENERATORS: Registry[EventGenerator] = Registry("event generator", ENTRY_POINT_GROUP,
+                                                 EventGenerator)
+_REGISTRY = _GENERATORS.entries
 
 
 def register_generator(name: str, factory: Callable[..., EventGenerator] | EventGenerator,
                        *, overwrite: bool = False) -> None:
     """Register an event-generator factory (or instance) under a lowercase ``name``."""
-    key = name.lower()
-    if not _NAME_RE.match(key):
-        raise ConfigError(f"generator name: expected lowercase [a-z0-9_-], got {name!r}")
-    if key in _REGISTRY and not overwrite:
-        raise ConfigError(f"generator {key!r} is already registered (pass overwrite=True)")
-    _REGISTRY[key] = factory
-
-
-def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {ep.name.lower(): ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    _GENERATORS.register(name, factory, overwrite=overwrite)
 
 
 def list_generators() -> list[str]:
     """Names of all event generators: registered in-process and through entry points."""
-    return sorted(set(_REGISTRY) | set(_entry_points()))
+    return _GENERATORS.names()
 
 
 def get_generator(name: str, **kwargs: Any) -> EventGenerator:
@@ -411,32 +402,4 @@ def get_generator(name: str, **kwargs: Any) -> EventGenerator:
     Keyword arguments go to the factory (e.g. ``s_exp`` for INFERNO). Raises
     :class:`~sbi_engine.errors.UnknownSimulatorError` listing the known names.
     """
-    key = str(name).lower()
-    target = _REGISTRY.get(key)
-    if target is None:
-        ep = _entry_points().get(key)
-        if ep is None:
-            known = ", ".join(list_generators()) or "(none)"
-            raise UnknownSimulatorError(f"unknown event generator {name!r}; known: {known}")
-        try:
-            target = ep.load()
-        except Exception as err:
-            raise UnknownSimulatorError(
-                f"event generator {name!r}: plug-in {ep.value!r} failed to load: "
-                f"{type(err).__name__}: {err}") from err
-    if isinstance(target, EventGenerator):
-        if kwargs:
-            raise ConfigError(f"event generator {name!r} takes no options, got {sorted(kwargs)}")
-        return target
-    try:
-        gen = target(**kwargs)
-    except TypeError as err:
-        if kwargs and "argument" in str(err):
-            raise ConfigError(f"event generator {name!r}: bad options {sorted(kwargs)}: "
-                              f"{err}") from err
-        raise
-    if not isinstance(gen, EventGenerator):
-        raise UnknownSimulatorError(
-            f"event generator {name!r}: factory returned {type(gen).__name__}, "
-            f"not an EventGenerator")
-    return gen
+    return _GENERATORS.get(name, **kwargs)

@@ -26,10 +26,8 @@ from __future__ import annotations
 import abc
 import concurrent.futures as cf
 import dataclasses
-import importlib.metadata
 import itertools
 import multiprocessing
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -38,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sbi_engine.errors import ConfigError, ShapeError, UnknownSimulatorError
+from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.priors import Prior, prior_from_parameters
+from sbi_engine.registry import NAME_RE, Registry
 
 __all__ = [
     "BlackBoxSimulator",
@@ -54,7 +53,6 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "sbi_engine.simulators"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +140,7 @@ class Simulator(abc.ABC):
 
     def _init_common(self, name, parameters, observables, prior, nuisances, nuisance_prior,
                       version, description):
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.match(name):
             raise ConfigError(f"simulator name: expected lowercase [a-z0-9_-], got {name!r}")
         parameters, nuisances = tuple(parameters), tuple(nuisances)
         names = [p.name for p in parameters + nuisances]
@@ -416,60 +414,29 @@ class BlackBoxSimulator(Simulator):
 # Registry
 # ------------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, Callable[[], Simulator] | Simulator] = {}
+_SIMULATORS: Registry[Simulator] = Registry("simulator", ENTRY_POINT_GROUP, Simulator)
+_REGISTRY = _SIMULATORS.entries
 
 
-def register_simulator(name: str, factory: Callable[[], Simulator] | Simulator, *,
+def register_simulator(name: str, factory: Callable[..., Simulator] | Simulator, *,
                        overwrite: bool = False) -> None:
     """Register a simulator factory (or instance) under a lowercase ``name``."""
-    key = name.lower()
-    if not _NAME_RE.match(key):
-        raise ConfigError(f"simulator name: expected lowercase [a-z0-9_-], got {name!r}")
-    if key in _REGISTRY and not overwrite:
-        raise ConfigError(f"simulator {key!r} is already registered (pass overwrite=True)")
-    _REGISTRY[key] = factory
-
-
-def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {ep.name.lower(): ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    _SIMULATORS.register(name, factory, overwrite=overwrite)
 
 
 def list_simulators() -> list[str]:
     """Names of all simulators: registered in-process and through entry points, sorted."""
-    return sorted(set(_REGISTRY) | set(_entry_points()))
+    return _SIMULATORS.names()
 
 
 def get_simulator(name: str, **kwargs: Any) -> Simulator:
     """Build the simulator registered as ``name`` (case-insensitive).
 
     Keyword arguments are passed to the factory (e.g. ``noise_std`` for simulators
-    that take options). Raises :class:`UnknownSimulatorError` listing known names.
+    that take options) and recorded in ``simulator.options`` (part of its ``spec``).
+    Raises :class:`UnknownSimulatorError` listing known names.
     """
-    key = str(name).lower()
-    target = _REGISTRY.get(key)
-    if target is None:
-        ep = _entry_points().get(key)
-        if ep is None:
-            known = ", ".join(list_simulators()) or "(none)"
-            raise UnknownSimulatorError(f"unknown simulator {name!r}; known: {known}")
-        try:
-            target = ep.load()
-        except Exception as err:
-            raise UnknownSimulatorError(
-                f"simulator {name!r}: plug-in {ep.value!r} failed to load: "
-                f"{type(err).__name__}: {err}") from err
-    if isinstance(target, Simulator):
-        if kwargs:
-            raise ConfigError(f"simulator {name!r} takes no options, got {sorted(kwargs)}")
-        return target
-    try:
-        sim = target(**kwargs)
-    except TypeError as err:
-        if kwargs and "argument" in str(err):
-            raise ConfigError(f"simulator {name!r}: bad options {sorted(kwargs)}: {err}") from err
-        raise
-    if not isinstance(sim, Simulator):
-        raise UnknownSimulatorError(
-            f"simulator {name!r}: factory returned {type(sim).__name__}, not a Simulator")
-    sim.options = dict(kwargs)
+    sim = _SIMULATORS.get(name, **kwargs)
+    if kwargs:
+        sim.options = dict(kwargs)
     return sim
