@@ -83,9 +83,12 @@ def test_debug_flag_shows_the_exception(tmp_path):
 
 
 def test_demo_runs_small(tmp_path, capsys):
-    code, out, err = run(capsys, "demo", "--out", str(tmp_path), "--num", "2000")
+    code, out, err = run(capsys, "demo", "--out", str(tmp_path), "--num", "2000",
+                         "--max-epochs", "5", "--c2st-samples", "500")
     assert code == 0, err
-    assert "sbibm observation 1" in out and "max |z|" in out
+    assert "C2ST vs the sbibm reference posterior" in out
+    assert (tmp_path / "pairplot.png").stat().st_size > 1000
+    assert (tmp_path / "model" / "posterior.json").exists()
 
 
 def test_simulator_options_reach_the_factory_and_the_manifest(tmp_path, capsys):
