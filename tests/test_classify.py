@@ -1,0 +1,348 @@
+"""Classifiers, losses and vmapped trainers (sbi_engine.classify)."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sbi_engine import classify as C
+from sbi_engine.errors import ConfigError, ShapeError
+from sbi_engine.events import make_dataset
+from sbi_engine.significance import asimov_z_sigma_b
+from simulators.toy_physics import inferno, pivot
+
+
+@pytest.fixture(scope="module")
+def pivot_gen():
+    return pivot.build()
+
+
+@pytest.fixture(scope="module")
+def inferno_gen():
+    return inferno.build()
+
+
+# data generation jitted: one compilation instead of many small eager ones
+_make_dataset = jax.jit(make_dataset, static_argnums=(1, 3))
+_augmented_data = jax.jit(C.augmented_data, static_argnums=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def pivot_data(pivot_gen):
+    """Nuisance-augmented pivot events: Z ~ N(0, 1) per event (the paper's training set)."""
+    return _augmented_data(jax.random.key(0), pivot_gen, 2000)
+
+
+@pytest.fixture(scope="module")
+def pivot_models(pivot_data):
+    """Adversarial training at λ = 0 (plain BCE for the classifier) and λ = 10, same seed,
+    in one vmapped run."""
+    cfg = C.ClassifierConfig(loss="pivot", hidden=(16, 16), batch_size=256, steps=1200,
+                             pretrain_steps=200, adv_on="signal", adv_steps=5)
+    keys = jnp.stack([jax.random.key_data(jax.random.key(1))] * 2)
+    return C.train_many(keys, pivot_data, cfg, hyper={"adv_lambda": jnp.array([0.0, 10.0])})
+
+
+@pytest.fixture(scope="module")
+def inferno_data(inferno_gen):
+    return C.train_data(_make_dataset(jax.random.key(20), inferno_gen, None, 2000),
+                        inferno_gen.nominal_nu())
+
+
+def _ks(a, b):
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = lambda s: np.searchsorted(np.sort(s), grid, side="right") / len(s)  # noqa: E731
+    return float(np.max(np.abs(cdf(a) - cdf(b))))
+
+
+def _fd(f, x, direction, eps):
+    return (f(x + eps * direction) - f(x - eps * direction)) / (2 * eps)
+
+
+# ----------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hidden", (32, 0)), ("hidden", 5), ("activation", "sigmoidz"), ("learning_rate", 0.0),
+    ("learning_rate", float("nan")), ("steps", 0), ("steps", 2.5), ("batch_size", -1),
+    ("loss", "focal"), ("sigma_b", -0.1), ("bins", 1), ("temperature", 0.0),
+    ("adv_lambda", -1.0), ("adv_components", 0), ("adv_on", "both"), ("pretrain_steps", -1),
+    ("clip_norm", 0.0), ("free_nuisances", "r"), ("balance", 1), ("inferno_events", 0),
+])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        C.ClassifierConfig(**{field: value})
+
+
+def test_config_from_dict_and_incompatible_options():
+    cfg = C.ClassifierConfig.from_dict({"hidden": [8, 8], "loss": "asimov", "sigma_b": 0.1})
+    assert cfg.hidden == (8, 8) and hash(cfg) == hash(dataclasses.replace(cfg))
+    assert C.ClassifierConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown key 'lamda'"):
+        C.ClassifierConfig.from_dict({"lamda": 1.0})
+    with pytest.raises(ConfigError, match="parameterised"):
+        C.ClassifierConfig(loss="inferno", parameterised=True)
+    assert set(C.LOSSES) >= {"bce", "asimov", "inferno", "pivot"}
+
+
+def test_inferno_needs_generator_and_known_nuisances(inferno_gen, inferno_data):
+    data = inferno_data
+    with pytest.raises(ConfigError, match="generator"):
+        C.train_one(jax.random.key(0), data, C.ClassifierConfig(loss="inferno", steps=1))
+    cfg = C.ClassifierConfig(loss="inferno", steps=1, free_nuisances=("q",))
+    with pytest.raises(ConfigError, match="free_nuisances"):
+        C.train_one(jax.random.key(0), data, cfg, generator=inferno_gen)
+
+
+# ----------------------------------------------------------------------------------
+# Losses: gradients against finite differences (float64)
+# ----------------------------------------------------------------------------------
+
+
+def test_bce_and_asimov_gradients_match_finite_differences():
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        logits = jnp.asarray(rng.normal(size=12))
+        y = jnp.asarray((np.arange(12) % 3 == 0).astype(float))
+        w = jnp.asarray(rng.uniform(0.5, 2.0, 12)) * jnp.where(y > 0, 1.0, 20.0)
+        d = jnp.asarray(rng.normal(size=12))
+        f = jax.jit(lambda v: C.bce_loss(v, y, w))
+        np.testing.assert_allclose(jnp.vdot(jax.grad(f)(logits), d), _fd(f, logits, d, 1e-6),
+                                   rtol=1e-6)
+        # BCE equals the textbook formula
+        p = jax.nn.sigmoid(logits)
+        ref = -jnp.sum(w * (y * jnp.log(p) + (1 - y) * jnp.log(1 - p))) / jnp.sum(w)
+        np.testing.assert_allclose(f(logits), ref, rtol=1e-10)
+        loss = jax.jit(lambda v, sb: C.asimov_loss(jax.nn.sigmoid(v), y, w, sb)[0])
+        grad = jax.jit(jax.grad(loss))
+        for sigma_b in (0.0, 0.1, 0.5):
+            g = lambda v, sb=sigma_b: loss(v, sb)  # noqa: E731
+            np.testing.assert_allclose(jnp.vdot(grad(logits, sigma_b), d),
+                                       _fd(g, logits, d, 1e-6), rtol=1e-5)
+        # the loss is −Z_A of the soft-selected yields
+        s, b = jnp.sum(w * y * p), jnp.sum(w * (1 - y) * p)
+        np.testing.assert_allclose(C.asimov_loss(p, y, w, 0.1)[0],
+                                   -asimov_z_sigma_b(s, b, 0.1 * b), rtol=1e-10)
+
+
+def test_mdn_nll_gradient_and_normalisation():
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        logits, mean = jnp.asarray(rng.normal(size=3)), jnp.asarray(rng.normal(size=(3, 1)))
+        log_sigma = jnp.asarray(rng.normal(size=(3, 1)) * 0.3)
+        f = jax.jit(lambda m: C.mdn_nll(logits, m, log_sigma, jnp.array([0.3])))
+        d = jnp.asarray(rng.normal(size=(3, 1)))
+        np.testing.assert_allclose(jnp.vdot(jax.grad(f)(mean), d), _fd(f, mean, d, 1e-6),
+                                   rtol=1e-6)
+        grid = jnp.linspace(-15, 15, 20001)
+        dens = jnp.exp(-jax.jit(jax.vmap(
+            lambda t: C.mdn_nll(logits, mean, log_sigma, t[None])))(grid))
+        assert float(jnp.trapezoid(dens, grid)) == pytest.approx(1.0, abs=1e-6)
+
+
+@functools.cache
+def _tiny_inferno_init(gen):
+    cfg = C.ClassifierConfig(hidden=(8,), loss="inferno", bins=4, activation="tanh")
+    return jax.jit(C.make_trainer(cfg, gen).init)
+
+
+def _tiny_inferno_params(gen, data, key):
+    return _tiny_inferno_init(gen)(key, data).params
+
+
+def test_inferno_loss_gradient_matches_finite_differences(inferno_gen, inferno_data):
+    """d(I⁻¹)_μμ / dφ through the Hessian and the simulator (r profiled), along a direction."""
+    params = _tiny_inferno_params(inferno_gen, inferno_data, jax.random.key(3))
+    nu0 = jnp.asarray(inferno_gen.nominal_nu())
+
+    def var_mu(net):
+        summary = lambda x: C.soft_summary(params.replace(net=net), x, 0.5)  # noqa: E731
+        fisher = C.inferno_fisher(summary, inferno_gen, jax.random.key(4), n=300, nu0=nu0,
+                                  free=(0,))
+        return jnp.linalg.inv(fisher)[0, 0]
+
+    loss = jax.jit(jax.value_and_grad(var_mu))
+    leaves, tree = jax.tree.flatten(params.net)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    direction = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape)
+                                          for k, a in zip(keys, leaves)])
+    _, grad = loss(params.net)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad),
+                                                   jax.tree.leaves(direction)))
+    eps = 3e-3
+    shift = lambda s: jax.tree.map(lambda a, d: a + s * d, params.net, direction)  # noqa: E731
+    numeric = (loss(shift(eps))[0] - loss(shift(-eps))[0]) / (2 * eps)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-2)
+
+
+def test_inferno_fisher_is_poisson_fisher_and_benchmarks_order(inferno_gen, inferno_data):
+    """The Hessian of the Asimov NLL equals Σ_j ∂n_j ∂n_jᵀ / n_j (∂ through the simulator);
+    B0–B4 from it agree with inferno.expected_uncertainty and are ordered: profiling
+    nuisances can only increase the uncertainty, constraints reduce it."""
+    params = _tiny_inferno_params(inferno_gen, inferno_data, jax.random.key(6))
+    nu0 = jnp.asarray(inferno_gen.nominal_nu())
+    widths = jnp.asarray(inferno_gen.constraints)
+    key = jax.random.key(7)
+    summary = lambda x: C.soft_summary(params, x, 0.3)  # noqa: E731
+
+    def counts(theta):
+        total = 0.0
+        for p, proc in enumerate(inferno_gen.processes):
+            x = inferno_gen.sample(jax.random.fold_in(key, p), 400, p, theta[1:])
+            total = total + (theta[0] if proc.signal else 1.0) * \
+                inferno_gen.expected_yield(p, theta[1:]) * jnp.mean(summary(x), axis=0)
+        return total
+
+    @jax.jit
+    def fishers(constraint):
+        hess = C.inferno_fisher(summary, inferno_gen, key, n=400, nu0=nu0, free=(0, 1, 2),
+                                constraint=constraint)
+        theta0 = jnp.concatenate([jnp.ones(1), nu0])
+        jac = jax.jacfwd(counts)(theta0)
+        return hess, jac.T @ (jac / counts(theta0)[:, None])
+
+    hess, poisson = fishers(jnp.zeros(3))
+    np.testing.assert_allclose(hess, poisson, rtol=2e-3, atol=1e-6)
+    full = np.asarray(hess, np.float64)
+    to_s = np.diag([1 / 50.0, 1, 1, 1])  # θ = (μ, ν) -> (s = 50 μ, ν)
+    sig = {name: inferno.expected_uncertainty(to_s @ full @ to_s, name)
+           for name in inferno.BENCHMARKS}
+    assert all(np.isfinite(v) for v in sig.values())
+    assert sig["B0"] <= sig["B1"] <= sig["B2"]
+    assert sig["B3"] <= sig["B2"] and sig["B3"] <= sig["B4"]
+    # the constraint terms added inside inferno_fisher (here B4) match
+    b4 = np.linalg.inv(np.asarray(fishers(1 / widths**2)[0], np.float64))
+    assert 50.0 * np.sqrt(b4[0, 0]) == pytest.approx(sig["B4"], rel=1e-4)
+    assert 50.0 / np.sqrt(full[0, 0]) == pytest.approx(sig["B0"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------
+
+
+def test_bce_classifier_auc_on_inferno_toy(inferno_gen, inferno_data):
+    cfg = C.ClassifierConfig(hidden=(32, 32), steps=1500, batch_size=256)
+    res = C.train_one(jax.random.key(2), inferno_data, cfg)
+    test = C.train_data(_make_dataset(jax.random.key(3), inferno_gen, None, 2000))
+    scores = C.predict(res.params, test.x)
+    assert scores.shape == (4000,)
+    assert float(scores.min()) >= 0 and float(scores.max()) <= 1
+    # the likelihood ratio (analytic densities) reaches ≈ 0.90 on this problem
+    assert C.roc_auc(scores, test.y) > 0.87
+    assert res.metrics["loss"][-100:].mean() < res.metrics["loss"][:10].mean() - 0.2
+
+
+def test_pivot_reduces_dependence_on_z(pivot_gen, pivot_data, pivot_models):
+    """Louppe et al.'s toy: at λ = 10 the signal output barely moves between Z = ∓1."""
+    out = [np.asarray(C.predict_many(pivot_models.params, pivot_gen.sample(
+        jax.random.key(11), 3000, "signal", pivot_gen.make_nu(z=z)))) for z in (-1.0, 1.0)]
+    ks_bce, ks_pivot = (_ks(out[0][i], out[1][i]) for i in range(2))
+    assert ks_bce > 0.4  # seeds 1-8: 0.04-0.09 at λ = 10 vs ≈ 0.52 at λ = 0
+    assert ks_pivot < 0.3 * ks_bce and ks_pivot < 0.15
+    # the adversary is left near the prior's entropy (N(0,1): 1.42 nats) at λ = 10
+    nll = pivot_models.metrics["adv_nll"][:, -200:].mean(axis=1)
+    assert nll[1] > 1.35 and nll[1] > nll[0]
+    test = _augmented_data(jax.random.key(12), pivot_gen, 2000)
+    aucs = [C.roc_auc(s, test.y) for s in np.asarray(C.predict_many(pivot_models.params,
+                                                                      test.x))]
+    assert aucs[0] > 0.84 and aucs[1] > 0.72
+
+
+def test_asimov_loss_improves_significance(inferno_data):
+    """Two seeds under vmap on a shared dataset; both beat their initial Z_A."""
+    data = inferno_data
+    cfg = C.ClassifierConfig(hidden=(16, 16), loss="asimov", sigma_b=0.1, steps=200,
+                             batch_size=512, learning_rate=3e-3)
+    keys = jax.random.split(jax.random.key(21), 2)
+    trained = C.train_many(keys, data, cfg)
+    z_batch = trained.metrics["z"]  # minibatch estimates; step 0 is before any update
+    assert z_batch.shape == (2, 200) and np.all(np.isfinite(z_batch))
+    for i in range(2):
+        _, (s, b) = C.asimov_loss(C.predict(C.select(trained.params, i), data.x), data.y,
+                                  data.w, 0.1)
+        z_full = float(asimov_z_sigma_b(s, b, 0.1 * b))
+        assert z_full > 2.0 * z_batch[i, :5].mean() and z_full > 1.5
+        assert z_batch[i, -50:].mean() > 2.0 * z_batch[i, :5].mean()
+
+
+def test_inferno_b0_uncertainty_decreases(inferno_gen, inferno_data):
+    data = inferno_data
+    cfg = C.ClassifierConfig(hidden=(16, 16), loss="inferno", bins=10, temperature=0.1,
+                             steps=80, inferno_events=200, learning_rate=3e-3)
+    res = C.train_one(jax.random.key(31), data, cfg, generator=inferno_gen)
+    sig = res.metrics["sigma_s"]
+    assert np.all(np.isfinite(sig))
+    assert sig[-20:].mean() < 0.8 * sig[:5].mean()
+    # cannot beat the analytic likelihood (14.71) by more than MC noise; close to it
+    assert 13.5 < sig[-20:].mean() < 19.0
+    assert C.predict(res.params, data.x).shape == (4000,)
+
+
+def test_parameterised_classifier_uses_nu(pivot_gen, pivot_data):
+    cfg = C.ClassifierConfig(hidden=(32, 32), steps=1000, parameterised=True)
+    res = C.train_one(jax.random.key(40), pivot_data, cfg)
+    with pytest.raises(ShapeError, match="nu="):
+        C.predict(res.params, pivot_data.x)
+    xb = pivot_gen.sample(jax.random.key(41), 2000, "background")
+    y = np.r_[np.ones(2000), np.zeros(2000)]
+    for z in (-1.0, 1.0):
+        xs = pivot_gen.sample(jax.random.key(42), 2000, "signal", pivot_gen.make_nu(z=z))
+        x = jnp.concatenate([xs, xb])
+        right, wrong = (C.roc_auc(C.predict(res.params, x, jnp.array([v])), y)
+                        for v in (z, -z))
+        assert right > wrong + 0.05  # told the true Z, it separates better
+
+
+# ----------------------------------------------------------------------------------
+# vmap == sequential, compile once
+# ----------------------------------------------------------------------------------
+
+
+def test_train_many_equals_train_one_and_compiles_once(pivot_data):
+    m = 3
+    keys = jax.random.split(jax.random.key(50), m)
+    datasets = [C.TrainData(*(a[i::50] for a in pivot_data)) for i in range(m)]  # 80 rows
+    stacked = C.TrainData(*(jnp.stack(a) for a in zip(*datasets)))
+    lrs = jnp.array([1e-3, 3e-3, 1e-2])
+    cfg = C.ClassifierConfig(hidden=(8,), steps=25, batch_size=32)
+    many = C.train_many(keys, stacked, cfg, hyper={"learning_rate": lrs})
+    assert many.metrics["loss"].shape == (m, 25)
+    for i in range(m):
+        one = C.train_one(keys[i], datasets[i], cfg, hyper={"learning_rate": float(lrs[i])})
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                     one.params, C.select(many.params, i))
+        np.testing.assert_allclose(one.metrics["loss"], many.metrics["loss"][i], rtol=1e-4)
+    assert one.compilations == 1 and many.compilations == 1
+    again = C.train_many(jax.random.split(jax.random.key(51), m), stacked, cfg,
+                         hyper={"learning_rate": lrs * 2, "adv_lambda": 0.2})
+    assert again.compilations == 1
+    assert C.predict_many(again.params, datasets[0].x).shape == (m, 80)
+
+
+def test_bad_shapes_are_shape_errors(pivot_data):
+    cfg = C.ClassifierConfig(hidden=(4,), steps=1)
+    with pytest.raises(ShapeError, match="hyper"):
+        C.train_many(jax.random.split(jax.random.key(0), 2), pivot_data, cfg,
+                     hyper={"learning_rate": jnp.ones(3)})
+    with pytest.raises(ShapeError, match="data.x"):
+        C.train_many(jax.random.split(jax.random.key(0), 2),
+                     C.TrainData(*(a[None].repeat(3, 0) for a in pivot_data)), cfg)
+    with pytest.raises(ConfigError, match="hyper"):
+        C.train_one(jax.random.key(0), pivot_data, cfg, hyper={"lr": 1.0})
+
+
+def test_roc_auc_matches_pairwise_definition():
+    rng = np.random.default_rng(2)
+    s = np.round(rng.normal(size=200), 1)  # with ties
+    y = rng.uniform(size=200) < 0.4
+    w = rng.uniform(0.1, 2.0, size=200)
+    diff = s[y][:, None] - s[~y][None, :]
+    pair = (diff > 0) + 0.5 * (diff == 0)
+    ref = np.sum(w[y][:, None] * w[~y][None, :] * pair) / (w[y].sum() * w[~y].sum())
+    assert C.roc_auc(s, y, w) == pytest.approx(ref, rel=1e-12)
