@@ -6,8 +6,11 @@ Prints, in one process on this machine:
    reference circuits θ₁, θ₂ against the values of ``mackelab/pyloric``;
 2. simulations/s (wall clock) and simulations per CPU-second vs batch size, float32 and
    float64, full 11 s simulations with noise (compile excluded);
-3. float32 vs float64 agreement of the 18 features on circuits drawn from the prior;
-4. the reference simulator's speed, if a build of it is given with
+3. memory per simulation of the same batched feature path, from XLA's compiled memory
+   analysis (``jit(...).lower(...).compile().memory_analysis()``: temporaries,
+   arguments, outputs), per batch size and dtype, and what a batch of 100k needs;
+4. float32 vs float64 agreement of the 18 features on circuits drawn from the prior;
+5. the reference simulator's speed, if a build of it is given with
    ``--reference-python``/``--reference-dir`` (a ``refdriver.py`` exposing
    ``simulate(theta, noise_std, seed)``; built outside this repository), else the
    1.0 simulation/s quoted for it — and the speed-up.
@@ -15,6 +18,7 @@ Prints, in one process on this machine:
 Usage::
 
     python experiments/bench_pyloric.py [--batch-sizes 1,16,64,256] [--n-agree 32]
+        [--skip-accuracy] [--skip-throughput] [--skip-memory]
         [--reference-python /tmp/pyloric_ref/venv/bin/python --reference-dir /tmp/pyloric_ref/src]
 
 The machine may be shared: the load average is printed, and the per-CPU-second rate is
@@ -106,8 +110,40 @@ def throughput(batch_sizes, t_max: float, dtypes) -> dict:
     return out
 
 
+def memory(batch_sizes, t_max: float, dtypes, t_burn: float = 1000.0) -> dict:
+    """Bytes per simulation of the compiled batched feature path (compiled, not run)."""
+    from simulators.pyloric.simulator import _batched
+
+    print(f"== 3. memory per simulation: {t_max:g} ms, 18 features, compiled memory analysis ==")
+    out = {}
+    for dtype in dtypes:
+        for b in batch_sizes:
+            with jax.enable_x64(dtype == "float64"):
+                dt = jnp.dtype(dtype)
+                fn = _batched(0.001, "18", float(t_max), float(t_burn), dt, 1)
+                keys = jax.random.split(jax.random.key(0), b)
+                stats = fn.lower(keys, jnp.zeros((b, 31), dt),
+                                 jnp.full((b,), 283.0, dt)).compile().memory_analysis()
+            if stats is None:
+                print("  this backend reports no memory analysis")
+                return out
+            temp, arg, res = (stats.temp_size_in_bytes, stats.argument_size_in_bytes,
+                              stats.output_size_in_bytes)
+            per_sim = (temp + arg + res) / b
+            out[f"{dtype}_b{b}"] = {"temp_bytes": temp, "argument_bytes": arg,
+                                    "output_bytes": res, "bytes_per_sim": per_sim}
+            print(f"  {dtype} batch {b:5d}: temp {temp:>10,d} B, args {arg:>8,d} B, "
+                  f"out {res:>8,d} B -> {per_sim:8,.0f} B/sim", flush=True)
+    largest = {k: v for k, v in out.items() if k.endswith(f"_b{max(batch_sizes)}")}
+    for key, v in largest.items():
+        print(f"  {key.split('_')[0]}: a batch of 100,000 needs ~"
+              f"{100_000 * v['bytes_per_sim'] / 2**30:.2f} GiB (at batch {max(batch_sizes)}'s "
+              "bytes per simulation; no trace is stored)")
+    return out
+
+
 def agreement(n: int) -> dict:
-    print(f"== 3. float32 vs float64 on {n} prior circuits (noise_std = 0, 18 features) ==")
+    print(f"== 4. float32 vs float64 on {n} prior circuits (noise_std = 0, 18 features) ==")
     sim = pyloric.build()
     theta = np.asarray(sim.prior.sample(jax.random.key(42), n), np.float64)
     x32 = _run(theta, "float32", noise_std=0.0, features="full").astype(np.float64)
@@ -147,7 +183,7 @@ print(json.dumps({{"wall": time.perf_counter() - t0, "cpu": time.process_time() 
 
 
 def reference_speed(python: str | None, ref_dir: str | None, n: int = 3) -> dict:
-    print("== 4. reference simulator (mackelab/pyloric, Cython, one core) ==")
+    print("== 5. reference simulator (mackelab/pyloric, Cython, one core) ==")
     if not python or not ref_dir:
         print("  no reference build given: using the quoted 1.0 simulation/s")
         return {"sims_per_s": 1.0, "sims_per_cpu_s": 1.0, "measured": False}
@@ -169,23 +205,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--reference-python", default=None)
     ap.add_argument("--reference-dir", default=None)
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
     results = {"device": str(jax.devices()[0]), "load_average": os.getloadavg()[0]}
     if not args.skip_accuracy:
         results["accuracy"] = accuracy()
-    results["throughput"] = throughput([int(b) for b in args.batch_sizes.split(",")],
-                                       args.t_max, args.dtypes.split(","))
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if not args.skip_throughput:
+        results["throughput"] = throughput(batch_sizes, args.t_max, args.dtypes.split(","))
+    if not args.skip_memory:
+        results["memory"] = memory(batch_sizes, args.t_max, args.dtypes.split(","))
     if args.n_agree > 0:
         results["agreement"] = agreement(args.n_agree)
     ref = reference_speed(args.reference_python, args.reference_dir)
     results["reference"] = ref
-    best = max(results["throughput"].values(), key=lambda r: r["sims_per_s"])
-    best32 = max((v for k, v in results["throughput"].items() if k.startswith("float32")),
-                 key=lambda r: r["sims_per_s"], default=best)
-    print("== speed-up of float32 (best batch) over the reference ==")
-    print(f"  wall: {best32['sims_per_s'] / ref['sims_per_s']:.1f}x   "
-          f"per CPU-second: {best32['sims_per_cpu_s'] / ref['sims_per_cpu_s']:.1f}x")
+    if results.get("throughput"):
+        best = max(results["throughput"].values(), key=lambda r: r["sims_per_s"])
+        best32 = max((v for k, v in results["throughput"].items() if k.startswith("float32")),
+                     key=lambda r: r["sims_per_s"], default=best)
+        print("== speed-up of float32 (best batch) over the reference ==")
+        print(f"  wall: {best32['sims_per_s'] / ref['sims_per_s']:.1f}x   "
+              f"per CPU-second: {best32['sims_per_cpu_s'] / ref['sims_per_cpu_s']:.1f}x")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)

@@ -248,7 +248,9 @@ def _check_rows(arr, dim, field, specs, prior) -> np.ndarray:
         raise ShapeError(f"{field}: row {r}, {specs[c].name!r} is {arr[r, c]} (must be finite)")
     if prior is not None:
         low, high = prior.support
-        out = (arr < low) | (arr > high)
+        # Compare in float32, the dtype θ is simulated in: a bound such as 0.01 rounds
+        # below itself in float32, and a θ exactly on it must stay inside.
+        out = (arr < low.astype(np.float32)) | (arr > high.astype(np.float32))
         if out.any():
             r, c = np.argwhere(out)[0]
             raise ShapeError(f"{field}: row {r}, {specs[c].name!r} = {arr[r, c]:g} is outside "
