@@ -58,6 +58,9 @@ assert tuple(FLOWS) == FLOW_KINDS
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
+#: XLA options for programs that run once (parameter initialisation).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
 
 def _std_normal_logpdf(u: Array) -> Array:
     return -0.5 * jnp.sum(u * u, axis=-1) - u.shape[-1] * _HALF_LOG_2PI
@@ -92,6 +95,14 @@ class ConditionalFlow:
         Args:
             key: PRNG key.
         """
+        # One compiled program: run eagerly, the initialisers dispatch (and compile)
+        # dozens of small ops one by one, which takes seconds on CPU. It runs once, so
+        # XLA's backend optimisations would cost more compile time than they save.
+        if isinstance(key, jax.core.Tracer):  # already inside jit / vmap: trace inline
+            return self._init(key)
+        return jax.jit(self._init, compiler_options=_FAST_COMPILE)(key)
+
+    def _init(self, key: Array) -> Params:
         k_emb, k_layers = jax.random.split(key)
         layer_keys = jax.random.split(k_layers, self.config.transforms)
         embedding = (

@@ -14,9 +14,10 @@ softmax as nflows does) and ``K - 1`` interior derivatives
   context by a residual net (nflows ``ResidualNet``: ``blocks`` pre-activation ReLU
   residual blocks with a context GLU gate); an LU-linear layer follows each coupling
   when ``D > 1``. The mask is applied by zeroing the transformed features at the
-  conditioner's input, so every layer has the same parameter shapes and the stack
-  scans (the price: the conditioner has ``D`` inputs and ``D (3K - 1)`` outputs, of
-  which those of the untransformed half are unused). With ``D = 1`` the spline
+  conditioner's input, and the conditioner emits ``⌈D/2⌉ (3K - 1)`` outputs, the
+  splines of the transformed features (picked and put back with constant one-hot
+  selections; a padding slot when ``D`` is odd and a layer transforms ``⌊D/2⌋``), so
+  every layer has the same parameter shapes and the stack scans. With ``D = 1`` the spline
   depends on the context only (sbi uses a small MLP ``ContextSplineMap`` there; here
   it is the same residual net fed a zero input).
 - ``"nsf_ar"`` (sbi's ``build_maf_rqs``): autoregressive spline layers with a MADE
@@ -57,43 +58,46 @@ def rational_quadratic_spline(
     min_bin_height: float = 1e-3,
     min_derivative: float = 1e-3,
 ) -> tuple[Array, Array]:
-    """Monotonic rational-quadratic spline on ``[-B, B]``, identity outside; one scalar.
+    """Monotonic rational-quadratic spline on ``[-B, B]``, identity outside.
+
+    Written for one scalar; leading axes ``S`` (e.g. the transformed features of one
+    example) are evaluated elementwise without a ``vmap``.
 
     Args:
-        x: ``()`` input (data side if ``inverse`` is False, else the output side).
-        widths: ``(K,)`` unnormalised bin widths.
-        heights: ``(K,)`` unnormalised bin heights.
-        derivatives: ``(K - 1,)`` unnormalised interior knot derivatives.
+        x: ``(*S,)`` input (data side if ``inverse`` is False, else the output side).
+        widths: ``(*S, K)`` unnormalised bin widths.
+        heights: ``(*S, K)`` unnormalised bin heights.
+        derivatives: ``(*S, K - 1)`` unnormalised interior knot derivatives.
         inverse: evaluate the inverse map.
         bound: B.
 
     Returns:
-        ``(y (), log|dy/dx| ())`` of the map evaluated (forward or inverse).
+        ``(y (*S,), log|dy/dx| (*S,))`` of the map evaluated (forward or inverse).
     """
     k = widths.shape[-1]
-    bound_arr = jnp.full((1,), bound, x.dtype)
-
-    def knots(raw, floor):
-        # Knot positions: -B, interior cumulative sums, +B (exact ends, no scatter).
-        p = floor + (1.0 - floor * k) * jax.nn.softmax(raw)
-        inner = 2.0 * bound * jnp.cumsum(p[:-1]) - bound
-        cum = jnp.concatenate([-bound_arr, inner, bound_arr])
-        return cum[:-1], cum[1:] - cum[:-1], cum
-
-    x0s, ws, cw = knots(widths, min_bin_width)
-    y0s, hs, ch = knots(heights, min_bin_height)
-    one = jnp.ones(1, derivatives.dtype)
-    d = jnp.concatenate([one, min_derivative + jax.nn.softplus(derivatives), one])
+    # Widths and heights share one softmax / cumsum: (*S, 2, K).
+    raw = jnp.stack([widths, heights], axis=-2)
+    floor = np.array([[min_bin_width], [min_bin_height]], np.float32)
+    p = floor + (1.0 - floor * k) * jax.nn.softmax(raw, axis=-1)
+    # Knot positions: -B, interior cumulative sums, +B (exact ends, no scatter).
+    inner = 2.0 * bound * jnp.cumsum(p[..., :-1], axis=-1) - bound
+    ends = jnp.full((*inner.shape[:-1], 1), bound, x.dtype)
+    cum = jnp.concatenate([-ends, inner, ends], axis=-1)  # (*S, 2, K + 1)
+    one = jnp.ones((*derivatives.shape[:-1], 1), derivatives.dtype)
+    d = jnp.concatenate([one, min_derivative + jax.nn.softplus(derivatives), one], axis=-1)
 
     inside = (x >= -bound) & (x <= bound)
     xc = jnp.where(inside, x, 0.0)  # a safe point outside, so no NaN gradients leak
-    # The bin: count interior knots at or below xc, select its row with a one-hot
-    # mask (no gather/scatter, which compile slowly on CPU; no matmul, which may run
+    # The bin: count interior knots at or below xc, select its knots with one-hot
+    # masks (no gather/scatter, which compile slowly on CPU; no matmul, which may run
     # in reduced precision on GPUs).
-    idx = jnp.sum(xc >= (ch if inverse else cw)[1:-1])
-    onehot = jnp.arange(k) == idx
-    table = jnp.stack([x0s, ws, y0s, hs, d[:-1], d[1:]])
-    x0, wk, y0, hk, d0, d1 = jnp.sum(jnp.where(onehot, table, 0.0), axis=1)
+    ref = cum[..., 1 if inverse else 0, 1:-1]
+    idx = jnp.sum(xc[..., None] >= ref, axis=-1)[..., None, None]
+    table = jnp.concatenate([cum, d[..., None, :]], axis=-2)  # (*S, 3, K + 1): x, y, d
+    knot = jnp.arange(k + 1)
+    x0, y0, d0 = jnp.moveaxis(jnp.sum(jnp.where(knot == idx, table, 0.0), axis=-1), -1, 0)
+    x1, y1, d1 = jnp.moveaxis(jnp.sum(jnp.where(knot == idx + 1, table, 0.0), axis=-1), -1, 0)
+    wk, hk = x1 - x0, y1 - y0
     s = hk / wk
 
     if inverse:
@@ -119,16 +123,16 @@ def rational_quadratic_spline(
 
 
 def _spline_fn(config: FlowConfig, hidden: int, inverse: bool):
-    """``(params (D, 3K - 1), x (D,)) -> (y (D,), logdet (D,))`` for the config's splines."""
+    """``(params (F, 3K - 1), x (F,)) -> (y (F,), logdet (F,))`` for the config's splines."""
     k = config.bins
     scale = 1.0 / np.sqrt(hidden)
 
-    def one(p, x):
+    def spline(p, x):
         return rational_quadratic_spline(
             x,
-            p[:k] * scale,
-            p[k : 2 * k] * scale,
-            p[2 * k :],
+            p[..., :k] * scale,
+            p[..., k : 2 * k] * scale,
+            p[..., 2 * k :],
             inverse=inverse,
             bound=config.tail_bound,
             min_bin_width=config.min_bin_width,
@@ -136,7 +140,7 @@ def _spline_fn(config: FlowConfig, hidden: int, inverse: bool):
             min_derivative=config.min_derivative,
         )
 
-    return jax.vmap(one)
+    return spline
 
 
 class ResidualNet(nn.Module):
@@ -176,12 +180,42 @@ def coupling_masks(features: int, transforms: int) -> np.ndarray:
     return masks
 
 
+def coupling_selections(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-hot selections of the transformed features, padded to one width.
+
+    Args:
+        masks: ``(L, D)`` from :func:`coupling_masks`.
+
+    Returns:
+        ``select (L, T, D)`` float32 with ``T = max_l Σ_d masks[l, d]`` (``⌈D/2⌉``):
+        row ``j`` of layer ``l`` picks its ``j``-th transformed feature, or is all zero
+        for a padding slot; ``valid (L, T)`` bool marks the real slots.
+    """
+    layers, d = masks.shape
+    width = int(masks.sum(axis=1).max())
+    select = np.zeros((layers, width, d), np.float32)
+    valid = np.zeros((layers, width), bool)
+    for layer in range(layers):
+        cols = np.flatnonzero(masks[layer])
+        select[layer, np.arange(cols.size), cols] = 1.0
+        valid[layer, : cols.size] = True
+    return select, valid
+
+
 def build_nsf_block(
     config: FlowConfig, theta_dim: int, context_dim: int
 ) -> tuple[Block, dict[str, np.ndarray]]:
-    """Spline coupling layer (+ LU-linear when ``D > 1``) and its stacked masks."""
+    """Spline coupling layer (+ LU-linear when ``D > 1``) and its stacked masks.
+
+    The conditioner emits spline parameters only for the ``T = ⌈D/2⌉`` transformed
+    features (a padding slot when a layer transforms fewer), picked and put back with
+    constant one-hot selections, so every layer has the same shapes and the stack scans.
+    """
     d, k3 = theta_dim, 3 * config.bins - 1
-    net = ResidualNet(out_features=d * k3, hidden=config.hidden, blocks=config.blocks)
+    masks = coupling_masks(d, config.transforms)
+    select, valid = coupling_selections(masks)
+    width = select.shape[1]
+    net = ResidualNet(out_features=width * k3, hidden=config.hidden, blocks=config.blocks)
     spline = _spline_fn(config, config.hidden, inverse=False)
     spline_inv = _spline_fn(config, config.hidden, inverse=True)
 
@@ -191,28 +225,30 @@ def build_nsf_block(
             params["lu"] = lu_init(d)
         return params
 
-    def conditioner(params, mask, y, context):
+    def coupling(fn, params, const, y, context):
+        mask, sel = const["mask"], const["select"]
         out = net.apply({"params": params["conditioner"]}, jnp.where(mask, 0.0, y), context)
-        return out.reshape(d, k3)
+        # Exact one-hot picks: every product but one is 0 * finite.
+        y_t = jnp.sum(sel * y, axis=-1)  # (T,)
+        u_t, logdet = fn(out.reshape(width, k3), y_t)
+        u = jnp.where(mask, jnp.sum(sel * u_t[:, None], axis=0), y)
+        return u, jnp.sum(jnp.where(const["valid"], logdet, 0.0))
 
     def forward(params, const, y, context):
-        mask = const["mask"]
-        u, logdet = spline(conditioner(params, mask, y, context), y)
-        u, logdet = jnp.where(mask, u, y), jnp.sum(jnp.where(mask, logdet, 0.0))
+        u, logdet = coupling(spline, params, const, y, context)
         if d > 1:
             u, ld_lu = lu_forward(params["lu"], u)
             logdet = logdet + ld_lu
         return u, logdet
 
     def inverse(params, const, u, context):
-        mask = const["mask"]
         logdet = jnp.zeros(())
         if d > 1:
             u, logdet = lu_inverse(params["lu"], u)
-        y, ld = spline_inv(conditioner(params, mask, u, context), u)
-        return jnp.where(mask, y, u), logdet + jnp.sum(jnp.where(mask, ld, 0.0))
+        y, ld = coupling(spline_inv, params, const, u, context)
+        return y, logdet + ld
 
-    return Block(init, forward, inverse), {"mask": coupling_masks(d, config.transforms)}
+    return Block(init, forward, inverse), {"mask": masks, "select": select, "valid": valid}
 
 
 def build_nsf_ar_block(

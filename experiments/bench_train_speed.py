@@ -1,0 +1,159 @@
+"""Training-speed benchmark: sbi-engine's NPE trainer vs sbi 0.27 (PyTorch), per epoch.
+
+Same data, same architecture (hidden 50, 5 transforms, 10 bins) and same training
+defaults (Adam 5e-4, batch 200, clip 5, 10 % validation, patience 20) for both; torch
+on one thread, XLA on one CPU thread. For every flow kind, in one process and
+alternating (ours, sbi, ours, sbi, ... with ``--repeats``), it records:
+
+- ``startup``: our time to the end of the first epoch minus a steady epoch: fitting
+  the standardisation, initialising, tracing and compiling (mostly XLA compilation);
+- ``ours s/epoch``: median wall time of our epochs after the first (training scan +
+  validation + host round trip), i.e. without compilation;
+- ``sbi s/epoch``: sbi's training wall time divided by its epochs;
+- ``wall``: total training wall time to early stopping (or ``--max-epochs``), ours
+  including compilation;
+- ``cpu``: process CPU time of the whole run (both sides single-threaded, so on a
+  shared, oversubscribed machine the CPU-time ratio is the steadier comparison);
+- ratios sbi/ours per epoch and for the whole run (wall and CPU).
+
+Usage::
+
+    python experiments/bench_train_speed.py                          # 10k, all kinds
+    python experiments/bench_train_speed.py --max-epochs 10 --kinds nsf maf
+    python experiments/bench_train_speed.py --task slcp --repeats 2 --json speed.json
+    python experiments/bench_train_speed.py --no-sbi --max-epochs 5   # ours only
+    python experiments/bench_train_speed.py --cache-dir /tmp/xla-cache  # opt-in cache
+
+``--cache-dir`` turns on JAX's persistent compilation cache for this process (the
+engine never does on its own); a second run with the same flow config and data sizes
+then loads the compiled epoch instead of compiling it.
+
+The machine may be shared: compare numbers from one run, and repeat.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--threads-all" not in sys.argv:  # one CPU thread for XLA, before jax is imported
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_multi_thread_eigen=false"
+                               + " intra_op_parallelism_threads=1")
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from sbi_engine import get_simulator
+from sbi_engine.npe import NPEConfig, train_npe
+from sbi_engine.simulate import simulate
+
+
+def run_ours(kind, theta, x, prior, max_epochs, seed):
+    config = NPEConfig.for_estimator(kind, max_epochs=max_epochs)
+    stamps = []
+    c0, t0 = time.process_time(), time.perf_counter()
+    result = train_npe(jax.random.PRNGKey(seed), theta, x, config=config, prior=prior,
+                       progress=False, callback=lambda *_: stamps.append(time.perf_counter()))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    durations = np.diff([t0, *stamps])
+    steady = float(np.median(durations[1:])) if len(durations) > 1 else float("nan")
+    return {"epochs": result.epochs, "wall": wall, "cpu": cpu, "s_per_epoch": steady,
+            "compile": float(durations[0] - steady) if len(durations) > 1 else float("nan"),
+            "best_val_loss": result.best_val_loss}
+
+
+def run_sbi(kind, theta, x, prior, max_epochs, seed):
+    from sbi_engine.interop.sbi import train_sbi
+
+    config = NPEConfig.for_estimator(kind, max_epochs=max(max_epochs, 2))
+    c0, t0 = time.process_time(), time.perf_counter()
+    result = train_sbi(theta, x, prior=prior, config=config, seed=seed, progress=False)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"epochs": result.epochs, "wall": wall, "cpu": cpu,
+            "s_per_epoch": result.seconds / result.epochs,
+            "best_val_loss": result.best_val_loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="two_moons")
+    parser.add_argument("--num", type=int, default=10_000, help="training simulations")
+    parser.add_argument("--kinds", nargs="+", default=["maf", "nsf", "nsf_ar"])
+    parser.add_argument("--max-epochs", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-sbi", action="store_true", help="time only our trainer")
+    parser.add_argument("--threads-all", action="store_true",
+                        help="let torch and XLA use every core (default: one thread each)")
+    parser.add_argument("--cache-dir", help="JAX persistent compilation cache directory")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+    torch_info = "sbi skipped"
+    if not args.no_sbi:
+        try:
+            import torch
+
+            if not args.threads_all:
+                torch.set_num_threads(1)
+            torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} thread)"
+        except ImportError:
+            torch_info, args.no_sbi = "torch not installed: sbi skipped", True
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}; "
+          f"{os.cpu_count()} CPU cores; task {args.task}; N = {args.num:,}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()!r}", flush=True)
+
+    sim = get_simulator(args.task)
+    data = simulate(sim, args.num, args.seed, progress=False)
+    theta, x = np.asarray(data.theta), np.asarray(data.x)
+    rows = []
+    for rep in range(args.repeats):
+        for kind in args.kinds:
+            methods = [("ours", run_ours)] + ([] if args.no_sbi else [("sbi", run_sbi)])
+            for method, fn in methods:
+                r = fn(kind, theta, x, sim.prior, args.max_epochs, args.seed)
+                r.update(method=method, kind=kind, repeat=rep)
+                rows.append(r)
+                extra = f"  startup {r['compile']:.1f} s" if method == "ours" else ""
+                print(f"  [{rep}] {kind:<7}{method:<5} {r['wall']:8.2f} s  {r['epochs']:4d} "
+                      f"epochs (cpu {r['cpu']:7.1f} s)  {r['s_per_epoch'] * 1e3:8.1f} ms/epoch"
+                      f"{extra}  "
+                      f"best val {r['best_val_loss']:.3f}", flush=True)
+
+    print()
+    header = (f"{'kind':<8}{'rep':>4}{'startup s':>11}{'ours ms/ep':>12}{'sbi ms/ep':>11}"
+              f"{'ratio/ep':>10}{'ours wall':>11}{'sbi wall':>10}{'ep o/s':>9}{'ratio wall':>12}"
+              f"{'ratio cpu':>11}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if r["method"] != "ours":
+            continue
+        other = [o for o in rows if o["method"] == "sbi" and o["kind"] == r["kind"]
+                 and o["repeat"] == r["repeat"]]
+        o = other[0] if other else None
+        sbi_ep = f"{o['s_per_epoch'] * 1e3:.0f}" if o else "-"
+        ratio_ep = f"{o['s_per_epoch'] / r['s_per_epoch']:.1f}x" if o else "-"
+        sbi_wall = f"{o['wall']:.1f}" if o else "-"
+        epochs = f"{r['epochs']}/{o['epochs']}" if o else f"{r['epochs']}"
+        ratio_wall = f"{o['wall'] / r['wall']:.1f}x" if o else "-"
+        ratio_cpu = f"{o['cpu'] / r['cpu']:.1f}x" if o else "-"
+        print(f"{r['kind']:<8}{r['repeat']:>4}{r['compile']:>11.1f}{r['s_per_epoch'] * 1e3:>12.1f}"
+              f"{sbi_ep:>11}{ratio_ep:>10}{r['wall']:>11.1f}{sbi_wall:>10}{epochs:>9}"
+              f"{ratio_wall:>12}{ratio_cpu:>11}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
