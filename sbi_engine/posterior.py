@@ -20,8 +20,6 @@ from __future__ import annotations
 import abc
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from flax import serialization
 from sbi_engine.errors import SbiEngineError, ShapeError
 from sbi_engine.flows import ConditionalFlow, FlowConfig, Standardization, build_flow
 from sbi_engine.priors import Prior, prior_from_dict
+from sbi_engine.store import atomic_write_dir
 
 __all__ = [
     "BasePosterior",
@@ -327,25 +326,10 @@ class Posterior(BasePosterior):
             "metadata": jsonable(self.metadata),
         }
         state = serialization.to_state_dict(jax.tree.map(np.asarray, self.params))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
-            (tmp / "posterior.json").write_text(json.dumps(header, indent=1, sort_keys=True))
-            (tmp / "params.msgpack").write_bytes(serialization.msgpack_serialize(state))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if path.exists():
-                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-                os.replace(path, old / "model")
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return atomic_write_dir(path, {
+            "posterior.json": json.dumps(header, indent=1, sort_keys=True).encode(),
+            "params.msgpack": serialization.msgpack_serialize(state),
+        })
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Posterior:

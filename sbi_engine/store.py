@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +37,14 @@ import numpy as np
 
 from sbi_engine.errors import DatasetError
 
-__all__ = ["Chunk", "Dataset", "DatasetStore", "atomic_write_bytes", "load_dataset"]
+__all__ = [
+    "Chunk",
+    "Dataset",
+    "DatasetStore",
+    "atomic_write_bytes",
+    "atomic_write_dir",
+    "load_dataset",
+]
 
 FORMAT = "sbi-engine-dataset"
 FORMAT_VERSION = 1
@@ -63,6 +71,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_dir(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
+    """Write a directory of ``files`` (name → bytes) atomically, replacing any old one.
+
+    The files are written and fsynced in a temporary sibling directory, which is then
+    renamed into place; an existing directory is moved aside first and deleted after,
+    so a reader sees the old directory or the new one, never a mixture.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+            os.replace(path, old / "previous")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -54,8 +54,6 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 import zipfile
@@ -93,6 +91,7 @@ from sbi_engine.priors import (
     TruncatedGaussian,
     prior_from_dict,
 )
+from sbi_engine.store import atomic_write_dir
 
 __all__ = [
     "FORMAT",
@@ -651,25 +650,10 @@ class SbiPosterior(BasePosterior):
             "metadata": jsonable(self.metadata),
             "weights": {"file": _WEIGHTS, "sha256": hashlib.sha256(weights).hexdigest()},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
-            (tmp / "posterior.json").write_text(json.dumps(header, indent=1, sort_keys=True))
-            (tmp / _WEIGHTS).write_bytes(weights)
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if path.exists():
-                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-                os.replace(path, old / "model")
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return atomic_write_dir(path, {
+            "posterior.json": json.dumps(header, indent=1, sort_keys=True).encode(),
+            _WEIGHTS: weights,
+        })
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SbiPosterior:
