@@ -48,7 +48,6 @@ sbi behaviour kept as is (it is the yardstick), which the JAX engine does differ
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
@@ -80,7 +79,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.flows import FlowConfig
-from sbi_engine.npe import NPEConfig
+from sbi_engine.npe import NPEConfig, TrainResult
 from sbi_engine.posterior import BasePosterior, PosteriorFileError, jsonable
 from sbi_engine.priors import (
     BoxUniform,
@@ -379,45 +378,9 @@ class _NullTracker:
 # ------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class SbiTrainResult:
-    """What :func:`train_sbi` returns; the surface of :class:`sbi_engine.npe.TrainResult`.
-
-    Attributes:
-        posterior: the trained :class:`SbiPosterior` (best validation weights).
-        train_loss, val_loss: per-epoch mean losses from sbi's training summary.
-        best_epoch: index of the epoch whose weights were kept.
-        epochs: epochs run.
-        excluded: rows dropped because ``x`` or ``θ`` was not finite.
-        seconds: wall time of sbi's training (network construction included).
-        compilations: always 0 (torch runs eagerly); kept for a uniform summary.
-    """
-
-    posterior: SbiPosterior
-    train_loss: list[float]
-    val_loss: list[float]
-    best_epoch: int
-    epochs: int
-    excluded: int
-    seconds: float
-    compilations: int = 0
-
-    @property
-    def best_val_loss(self) -> float:
-        return self.val_loss[self.best_epoch]
-
-    def summary(self) -> dict[str, Any]:
-        """The same keys as :meth:`sbi_engine.npe.TrainResult.summary`."""
-        return {
-            "epochs": self.epochs,
-            "best_epoch": self.best_epoch,
-            "best_val_loss": self.best_val_loss,
-            "final_train_loss": self.train_loss[-1],
-            "excluded_rows": self.excluded,
-            "seconds": self.seconds,
-            "seconds_per_epoch": self.seconds / max(self.epochs, 1),
-            "compilations": self.compilations,
-        }
+#: What :func:`train_sbi` returns: the same :class:`~sbi_engine.npe.TrainResult` as the JAX
+#: trainer, holding an :class:`SbiPosterior`; ``compilations`` is 0 (torch runs eagerly).
+SbiTrainResult = TrainResult
 
 
 def _check_training_data(theta: Any, x: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -538,7 +501,7 @@ def train_sbi(
                   "torch_version": torch.__version__})
     return SbiTrainResult(posterior=posterior, train_loss=train_loss, val_loss=val_loss,
                           best_epoch=best_epoch, epochs=len(train_loss), excluded=excluded,
-                          seconds=seconds)
+                          seconds=seconds, compilations=0)
 
 
 def _sbi_version() -> str:
