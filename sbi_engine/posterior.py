@@ -339,24 +339,9 @@ class Posterior(BasePosterior):
             PosteriorFileError: missing files, corrupted content, or an incompatible version.
         """
         path = Path(path)
-        hfile, pfile = path / "posterior.json", path / "params.msgpack"
-        if not path.is_dir() or not hfile.is_file() or not pfile.is_file():
-            raise PosteriorFileError(f"model {path}: expected a directory with posterior.json "
-                                     "and params.msgpack (written by Posterior.save / "
-                                     "`sbi-engine train`)")
-        try:
-            header = json.loads(hfile.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise PosteriorFileError(f"model {path}: posterior.json is not valid JSON "
-                                     f"({err})") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise PosteriorFileError(f"model {path}: posterior.json is not an sbi-engine "
-                                     "posterior")
-        version = header.get("format_version")
-        if version != FORMAT_VERSION:
-            raise PosteriorFileError(
-                f"model {path}: format version {version!r} written by engine "
-                f"{header.get('engine_version')!r}; this engine reads version {FORMAT_VERSION}")
+        header = read_model_header(path, FORMAT, FORMAT_VERSION, "params.msgpack",
+                                   "Posterior.save / `sbi-engine train`")
+        pfile = path / "params.msgpack"
         try:
             config = FlowConfig.from_dict(header["flow"])
             std = Standardization.from_dict(header["standardization"])
@@ -389,6 +374,31 @@ class Posterior(BasePosterior):
     def __repr__(self) -> str:
         return (f"Posterior({self.flow.config.kind}, D={self.theta_dim}, "
                 f"x_shape={self.x_shape})")
+
+
+def read_model_header(path: Path, fmt: str, version: int, weights: str, writer: str) -> dict:
+    """Check a model directory's files, format and version; return ``posterior.json``.
+
+    Raises:
+        PosteriorFileError: missing files, bad JSON, another format or version (named).
+    """
+    hfile = path / "posterior.json"
+    if not path.is_dir() or not hfile.is_file() or not (path / weights).is_file():
+        raise PosteriorFileError(f"model {path}: expected a directory with posterior.json "
+                                 f"and {weights} (written by {writer})")
+    try:
+        header = json.loads(hfile.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PosteriorFileError(f"model {path}: posterior.json is not valid JSON "
+                                 f"({err})") from None
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise PosteriorFileError(f"model {path}: posterior.json is not an {fmt} model")
+    found = header.get("format_version")
+    if found != version:
+        raise PosteriorFileError(
+            f"model {path}: format version {found!r} written by engine "
+            f"{header.get('engine_version')!r}; this engine reads version {version}")
+    return header
 
 
 def hpd_threshold(posterior: Posterior, key: jax.Array, x_o: Any, *, epsilon: float = 1e-4,

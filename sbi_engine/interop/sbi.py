@@ -80,7 +80,12 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.flows import FlowConfig
 from sbi_engine.npe import NPEConfig, TrainResult
-from sbi_engine.posterior import BasePosterior, PosteriorFileError, jsonable
+from sbi_engine.posterior import (
+    BasePosterior,
+    PosteriorFileError,
+    jsonable,
+    read_model_header,
+)
 from sbi_engine.priors import (
     BoxUniform,
     Gaussian,
@@ -631,24 +636,9 @@ class SbiPosterior(BasePosterior):
                 mismatch, corrupted weights, or weights that do not fit the config.
         """
         path = Path(path)
-        hfile, wfile = path / "posterior.json", path / _WEIGHTS
-        if not path.is_dir() or not hfile.is_file() or not wfile.is_file():
-            raise PosteriorFileError(f"model {path}: expected a directory with posterior.json "
-                                     f"and {_WEIGHTS} (written by SbiPosterior.save / "
-                                     "`sbi-engine train --backend sbi`)")
-        try:
-            header = json.loads(hfile.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise PosteriorFileError(f"model {path}: posterior.json is not valid JSON "
-                                     f"({err})") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise PosteriorFileError(f"model {path}: posterior.json is not an sbi-engine "
-                                     "sbi-backend posterior")
-        version = header.get("format_version")
-        if version != FORMAT_VERSION:
-            raise PosteriorFileError(
-                f"model {path}: format version {version!r} written by engine "
-                f"{header.get('engine_version')!r}; this engine reads version {FORMAT_VERSION}")
+        header = read_model_header(path, FORMAT, FORMAT_VERSION, _WEIGHTS,
+                                   "SbiPosterior.save / `sbi-engine train --backend sbi`")
+        wfile = path / _WEIGHTS
         engine = header.get("engine_version")
         try:
             config = NPEConfig.from_dict(header["npe"])
