@@ -179,6 +179,10 @@ def _check_training_data(theta, x) -> tuple[np.ndarray, np.ndarray]:
 #: backend optimisations would cost more compile time than they save.
 _RUN_ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
+#: Up to this many validation rows, the validation loss is computed inside the epoch
+#: program (one compilation, one dispatch per epoch); above it, in chunks.
+_MAX_FOLDED_VALIDATION = 100_000
+
 #: Standardization fields passed to the compiled programs as arguments.
 _STATS = ("theta_mean", "theta_std", "x_mean", "x_std")
 
@@ -226,7 +230,8 @@ class _EpochRunner:
     def loss(self, params, theta, x):
         return self._loss(self.flow, params, theta, x)
 
-    def _epoch_impl(self, params, opt_state, key, theta, x, stats):
+    def _epoch_impl(self, params, opt_state, key, theta, x, stats, theta_val=None,
+                    x_val=None):
         self.traces += 1  # runs only while tracing: counts compilations
         flow = self._flow_with(stats)
         bs = self.config.batch_size
@@ -246,13 +251,23 @@ class _EpochRunner:
             return (optax.apply_updates(flat, updates), opt_state), loss
 
         (flat, opt_state), losses = jax.lax.scan(step, (flat, opt_state), idx)
-        return unravel(flat), opt_state, jnp.mean(losses)
+        params = unravel(flat)
+        if theta_val is None:
+            return params, opt_state, jnp.mean(losses)
+        # Validation of the updated weights in the same program: one compilation and
+        # one dispatch per epoch instead of two.
+        return params, opt_state, jnp.mean(losses), self._loss(flow, params, theta_val, x_val)
 
     def _val_impl(self, params, theta, x, stats):
         return self._loss(self._flow_with(stats), params, theta, x)
 
     def epoch(self, params, opt_state, key, theta, x):
+        """One epoch over ``(theta, x)``: ``(params, opt_state, mean train loss)``."""
         return self._epoch(params, opt_state, key, theta, x, self._stats)
+
+    def epoch_and_validation(self, params, opt_state, key, theta, x, theta_val, x_val):
+        """One epoch, then the validation loss of the new weights, in one compiled call."""
+        return self._epoch(params, opt_state, key, theta, x, self._stats, theta_val, x_val)
 
     def validation(self, params, theta, x, chunk: int = 50_000) -> float:
         n = theta.shape[0]
@@ -319,6 +334,7 @@ def train_npe(
     runner = _EpochRunner(flow, config)
     opt_state = runner.init_opt_state(params)
     stream = theta_tr.shape[0] > config.max_device_rows
+    fold_validation = not stream and n_val <= _MAX_FOLDED_VALIDATION
     if stream:
         chunks = _stream_chunks(theta_tr.shape[0], config.max_device_rows, config.batch_size)
     else:
@@ -344,11 +360,16 @@ def train_npe(
                         jnp.asarray(theta_tr[a:b]), jnp.asarray(x_tr[a:b]))
                     losses.append(float(loss))
                 train_loss = float(np.mean(losses))
+                val_loss = runner.validation(params, theta_val, x_val)
+            elif fold_validation:
+                params, opt_state, loss, val = runner.epoch_and_validation(
+                    params, opt_state, k_epoch, theta_dev, x_dev, theta_val, x_val)
+                train_loss, val_loss = float(loss), float(val)
             else:
                 params, opt_state, loss = runner.epoch(params, opt_state, k_epoch, theta_dev,
                                                        x_dev)
                 train_loss = float(loss)
-            val_loss = runner.validation(params, theta_val, x_val)
+                val_loss = runner.validation(params, theta_val, x_val)
             train_hist.append(train_loss)
             val_hist.append(val_loss)
             if val_loss < best[0]:
