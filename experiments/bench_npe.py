@@ -40,6 +40,7 @@ from sbi_engine import get_simulator
 from sbi_engine.diagnostics import c2st_sbibm
 from sbi_engine.npe import NPEConfig, train_npe, train_tsnpe
 from sbi_engine.simulate import simulate
+from sbi_engine.store import atomic_write_bytes
 
 TASKS = ["two_moons", "gaussian_linear", "slcp", "gaussian_mixture", "bernoulli_glm"]
 PUBLISHED_NPE = {  # sbibm paper, NPE mean C2ST at 1k / 10k / 100k
@@ -56,6 +57,12 @@ def run_method(method, est, key, theta, x, prior, config, seed):
     from sbi_engine.interop.sbi import train_sbi
 
     return train_sbi(theta, x, prior=prior, config=config, seed=seed, progress=False)
+
+
+def write_json(path, rows):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write_bytes(path, json.dumps(rows, indent=1).encode())
 
 
 def score(posterior, task_mod, observations, n_samples, seed):
@@ -118,6 +125,7 @@ def main() -> None:
             print(f"  {task:<17} {spec:<9} {wall:8.1f} s  {s['epochs']:4d} epochs  "
                   f"{row['seconds_per_epoch']:.3f} s/epoch  C2ST {row['c2st_mean']:.3f}",
                   flush=True)
+            write_json(args.json, rows)  # after every row: a long run keeps what it did
 
     if args.tsnpe:
         sim = get_simulator("slcp")
@@ -132,6 +140,7 @@ def main() -> None:
                          "num": args.num, "observation": k, "c2st_mean": c,
                          "train_seconds": time.perf_counter() - t0})
             print(f"  slcp TSNPE obs {k}: C2ST {c:.3f}", flush=True)
+            write_json(args.json, rows)
 
     print()
     header = (f"{'task':<17}{'method':<11}{'train s':>9}{'epochs':>8}{'s/epoch':>9}"
@@ -157,10 +166,7 @@ def main() -> None:
     if ts:
         print(f"slcp TSNPE (2 rounds, {args.num:,} total): mean C2ST {np.mean(ts):.3f} "
               "(published SNPE at 10k: 0.845)")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":
