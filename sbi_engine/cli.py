@@ -171,27 +171,29 @@ def cmd_info(args) -> int:
 def cmd_train(args) -> int:
     import jax
 
-    from sbi_engine.npe import NPEConfig, train_npe
+    from sbi_engine.npe import NPEConfig, train_npe_from_dataset
     from sbi_engine.priors import prior_from_dict
     from sbi_engine.store import load_dataset
 
-    ds = load_dataset(args.dataset)
+    ds = load_dataset(args.dataset, lazy=True)
     prior = prior_from_dict(ds.manifest["prior"])
     overrides = {k: v for k, v in (("max_epochs", args.max_epochs),
                                    ("batch_size", args.batch_size),
                                    ("learning_rate", args.learning_rate)) if v is not None}
     config = NPEConfig.for_estimator(args.estimator, **overrides)
-    theta, x = ds.theta, ds.x
+    counts = ds.manifest.get("counts", {})
+    valid = f" ({counts['valid']:,} valid)" if "valid" in counts else ""
     print(f"training {args.estimator} ({args.backend}) on {len(ds):,} simulations of "
-          f"{ds.manifest['simulator']!r} ({int(ds.valid.sum()):,} valid)")
+          f"{ds.manifest['simulator']!r}{valid}")
     if args.backend == "sbi":
         from sbi_engine.interop.sbi import train_sbi
 
-        result = train_sbi(theta, x, prior=prior, config=config, seed=args.seed,
+        result = train_sbi(ds.theta, ds.x, prior=prior, config=config, seed=args.seed,
                            progress=not args.quiet)
     else:
-        result = train_npe(jax.random.PRNGKey(args.seed), theta, x, config=config, prior=prior,
-                           progress=not args.quiet)
+        # Streams the dataset from disk when it is larger than memory allows.
+        result = train_npe_from_dataset(jax.random.PRNGKey(args.seed), ds, config=config,
+                                        prior=prior, progress=not args.quiet)
     result.posterior.metadata.update(simulator=ds.manifest["simulator"],
                                      dataset=str(ds.path), seed=args.seed)
     result.posterior.save(args.out)

@@ -12,8 +12,10 @@ validation improvement, keep the best weights.
 Every epoch is **one** compiled call: a ``lax.scan`` over the epoch's minibatches
 (shuffled on device) followed by the validation loss, so there is no Python loop per
 batch, and the epoch function compiles once (``TrainResult.compilations``). Rows whose
-``x`` or ``θ`` is not finite are excluded and counted. Data larger than
+``x`` or ``θ`` is not finite are excluded and counted. Arrays larger than
 ``NPEConfig.max_device_rows`` are streamed: each epoch scans over device-sized chunks.
+A dataset in the store that does not fit in memory is streamed from disk by
+:func:`train_npe_from_dataset` (the CLI's ``train``).
 
 Compile time: the first epoch traces and compiles the epoch program (a few seconds of
 CPU for the default flows, more on a loaded machine); later epochs reuse it. Repeated
@@ -37,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -52,7 +54,7 @@ from sbi_engine.flows import ConditionalFlow, FlowConfig, build_flow_from_data
 from sbi_engine.posterior import Posterior
 from sbi_engine.priors import Prior
 
-__all__ = ["NPEConfig", "TrainResult", "train_npe", "train_tsnpe"]
+__all__ = ["NPEConfig", "TrainResult", "train_npe", "train_npe_from_dataset", "train_tsnpe"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -327,19 +329,37 @@ def train_npe(
     if flow is None:
         flow = build_flow_from_data(config.flow, theta_tr, x_tr, prior=prior)
     params = init_params if init_params is not None else flow.init(k_init)
+    if theta_tr.shape[0] > config.max_device_rows:
+        chunks = _stream_chunks(theta_tr.shape[0], config.max_device_rows, config.batch_size)
+
+        def source(k_epoch):
+            for j in np.asarray(jax.random.permutation(k_epoch, len(chunks))):
+                a, b = chunks[j]
+                yield theta_tr[a:b], x_tr[a:b]
+    else:
+        source = (jnp.asarray(theta_tr), jnp.asarray(x_tr))
+    return _fit(flow, params, source, theta_val, x_val, k_epochs, config=config, prior=prior,
+                progress=progress, callback=callback, excluded=excluded,
+                num_train=int(n - n_val))
+
+
+#: Streamed training data: ``source(epoch_key)`` yields equal-shaped ``(θ, x)`` blocks.
+BlockSource = Callable[[jax.Array], Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
+def _fit(flow, params, source, theta_val, x_val, k_epochs, *, config, prior, progress,
+         callback, excluded, num_train) -> TrainResult:
+    """The epoch loop with early stopping shared by in-memory and streamed training.
+
+    ``source`` is ``(θ, x)`` device arrays held whole, or a :data:`BlockSource`.
+    """
     # Strong float32 leaves: a weak-typed leaf would change type after one update and
     # force a second compilation of the epoch function.
     params = jax.tree.map(lambda a: jnp.array(a, dtype=jnp.float32), params)
-
     runner = _EpochRunner(flow, config)
     opt_state = runner.init_opt_state(params)
-    stream = theta_tr.shape[0] > config.max_device_rows
-    fold_validation = not stream and n_val <= _MAX_FOLDED_VALIDATION
-    if stream:
-        chunks = _stream_chunks(theta_tr.shape[0], config.max_device_rows, config.batch_size)
-    else:
-        theta_dev, x_dev = jnp.asarray(theta_tr), jnp.asarray(x_tr)
-
+    stream = callable(source)
+    fold_validation = not stream and theta_val.shape[0] <= _MAX_FOLDED_VALIDATION
     best = (math.inf, 0, jax.tree.map(np.array, params))
     train_hist: list[float] = []
     val_hist: list[float] = []
@@ -352,22 +372,19 @@ def train_npe(
             k_epoch = jax.random.fold_in(k_epochs, epoch)
             if stream:
                 losses = []
-                order = np.asarray(jax.random.permutation(k_epoch, len(chunks)))
-                for j in order:
-                    a, b = chunks[j]
+                for i, (theta_b, x_b) in enumerate(source(k_epoch)):
                     params, opt_state, loss = runner.epoch(
-                        params, opt_state, jax.random.fold_in(k_epoch, int(j)),
-                        jnp.asarray(theta_tr[a:b]), jnp.asarray(x_tr[a:b]))
-                    losses.append(float(loss))
-                train_loss = float(np.mean(losses))
+                        params, opt_state, jax.random.fold_in(k_epoch, i),
+                        jnp.asarray(theta_b), jnp.asarray(x_b))
+                    losses.append(loss)
+                train_loss = float(np.mean(jax.device_get(losses)))
                 val_loss = runner.validation(params, theta_val, x_val)
             elif fold_validation:
                 params, opt_state, loss, val = runner.epoch_and_validation(
-                    params, opt_state, k_epoch, theta_dev, x_dev, theta_val, x_val)
+                    params, opt_state, k_epoch, *source, theta_val, x_val)
                 train_loss, val_loss = float(loss), float(val)
             else:
-                params, opt_state, loss = runner.epoch(params, opt_state, k_epoch, theta_dev,
-                                                       x_dev)
+                params, opt_state, loss = runner.epoch(params, opt_state, k_epoch, *source)
                 train_loss = float(loss)
                 val_loss = runner.validation(params, theta_val, x_val)
             train_hist.append(train_loss)
@@ -391,10 +408,117 @@ def train_npe(
                          "(check the data for extreme values, or lower the learning rate)")
     posterior = Posterior(flow, best[2], prior=prior,
                           metadata={"npe": config.to_dict(), "best_epoch": best[1],
-                                    "best_val_loss": best[0], "num_train": int(n - n_val)})
+                                    "best_val_loss": best[0], "num_train": num_train})
     return TrainResult(posterior=posterior, train_loss=train_hist, val_loss=val_hist,
                        best_epoch=best[1], epochs=len(train_hist), excluded=excluded,
                        seconds=seconds, compilations=runner.traces)
+
+
+def train_npe_from_dataset(
+    key: jax.Array,
+    dataset: Any,
+    *,
+    config: NPEConfig | None = None,
+    prior: Prior | None = None,
+    progress: bool = True,
+    callback: Callable[[int, float, float], None] | None = None,
+    memory_rows: int | None = None,
+) -> TrainResult:
+    """Train NPE on a simulated dataset in the store, streaming it if it is large.
+
+    A dataset of at most ``memory_rows`` rows (default ``config.max_device_rows``) is
+    read whole and passed to :func:`train_npe`. A larger one is never held in memory:
+
+    - one verified pass over the store's chunks draws the validation rows (each valid
+      row independently with probability ``config.validation_fraction``, so about 10 %;
+      they are kept in memory) and fits the standardisation on the first
+      ``memory_rows`` training rows (rows are i.i.d. simulations, so that is a random
+      sample of them);
+    - every epoch reads the chunks in a random order and trains on fixed-size blocks of
+      ``⌊memory_rows / batch⌋ · batch`` valid training rows (one compiled epoch
+      program serves every block); the rows left over at the end of an epoch (fewer
+      than one block) are skipped in that epoch, and differ from epoch to epoch.
+
+    Args:
+        key: PRNG key (validation split, initialisation, shuffling).
+        dataset: a :class:`~sbi_engine.store.Dataset` or the path of one.
+        config: training configuration.
+        prior: the prior; default: the one recorded in the dataset's manifest.
+        progress: show a progress bar.
+        callback: ``callback(epoch, train_loss, val_loss)`` after every epoch.
+        memory_rows: most rows held in memory at once (and rows per streamed block).
+
+    Returns:
+        A :class:`TrainResult`, as :func:`train_npe`.
+
+    Raises:
+        DatasetError: the dataset is missing, incomplete or a chunk is corrupted.
+        ShapeError: too few valid rows to train.
+    """
+    from sbi_engine.priors import prior_from_dict
+    from sbi_engine.store import Dataset, load_dataset
+
+    config = config or NPEConfig()
+    if not isinstance(dataset, Dataset):
+        dataset = load_dataset(dataset, lazy=True)
+    if prior is None:
+        prior = prior_from_dict(dataset.manifest["prior"])
+    memory_rows = config.max_device_rows if memory_rows is None else int(memory_rows)
+    if memory_rows < config.batch_size:
+        raise ConfigError(f"memory_rows: expected at least one batch ({config.batch_size} rows), "
+                          f"got {memory_rows}")
+    if len(dataset) <= memory_rows:
+        return train_npe(key, dataset.theta, dataset.x, config=config, prior=prior,
+                         progress=progress, callback=callback)
+
+    k_split, k_init, k_epochs = jax.random.split(key, 3)
+
+    def train_mask(chunk):
+        """Rows of ``chunk`` that train, and rows that validate (both finite)."""
+        finite = chunk.valid & np.all(np.isfinite(chunk.theta), axis=1)
+        held = np.asarray(jax.random.uniform(jax.random.fold_in(k_split, chunk.index),
+                                             (chunk.stop - chunk.start,)))
+        held = held < config.validation_fraction
+        return finite & ~held, finite & held
+
+    val_theta, val_x, fit_theta, fit_x = [], [], [], []
+    n_train = n_fit = excluded = 0
+    for chunk in dataset.iter_chunks(verify=True):
+        train, val = train_mask(chunk)
+        excluded += int((~(train | val)).sum())
+        n_train += int(train.sum())
+        val_theta.append(chunk.theta[val])
+        val_x.append(chunk.x[val])
+        if n_fit < memory_rows:
+            fit_theta.append(chunk.theta[train][: memory_rows - n_fit])
+            fit_x.append(chunk.x[train][: memory_rows - n_fit])
+            n_fit += fit_theta[-1].shape[0]
+    theta_val, x_val = np.concatenate(val_theta), np.concatenate(val_x)
+    if n_train < 1 or theta_val.shape[0] < 1:
+        raise ShapeError(f"dataset {dataset.path}: {n_train} training and {theta_val.shape[0]} "
+                         "validation rows with finite values; need at least one of each")
+    flow = build_flow_from_data(config.flow, np.concatenate(fit_theta), np.concatenate(fit_x),
+                                prior=prior)
+    del fit_theta, fit_x
+    bs = config.batch_size
+    block = min((memory_rows // bs) * bs, (n_train // bs) * bs or n_train)
+
+    def source(k_epoch):
+        theta_buf, x_buf, held = [], [], 0
+        for j in np.asarray(jax.random.permutation(k_epoch, dataset.num_chunks)):
+            chunk = dataset.read_chunk(int(j), verify=False)  # verified by the first pass
+            train, _ = train_mask(chunk)
+            theta_buf.append(chunk.theta[train])
+            x_buf.append(chunk.x[train])
+            held += int(train.sum())
+            while held >= block:
+                theta_all, x_all = np.concatenate(theta_buf), np.concatenate(x_buf)
+                yield theta_all[:block], x_all[:block]
+                theta_buf, x_buf, held = [theta_all[block:]], [x_all[block:]], held - block
+
+    return _fit(flow, flow.init(k_init), source, jnp.asarray(theta_val), jnp.asarray(x_val),
+                k_epochs, config=config, prior=prior, progress=progress, callback=callback,
+                excluded=excluded, num_train=n_train)
 
 
 def _stream_chunks(n: int, max_rows: int, batch: int) -> list[tuple[int, int]]:

@@ -403,6 +403,13 @@ class Dataset:
         for i in range(self._store.num_chunks):
             yield self._store.read_chunk(i, verify=verify)
 
+    def read_chunk(self, index: int, *, verify: bool = True) -> Chunk:
+        """Chunk ``index`` (``0 <= index < num_chunks``), checksum-verified by default."""
+        if not 0 <= index < self._store.num_chunks:
+            raise DatasetError(f"chunk index: expected 0 <= index < {self._store.num_chunks}, "
+                               f"got {index}")
+        return self._store.read_chunk(index, verify=verify)
+
     def _load(self) -> dict[str, np.ndarray | None]:
         if self._cache is None:
             chunks = list(self.iter_chunks())
