@@ -121,7 +121,8 @@ def cmd_simulate(args) -> int:
     if theta is None and args.num is None:
         raise ShapeError("--num: required unless --theta gives the parameters")
     result = simulate(sim, args.num, args.seed, out=args.out, chunk_size=args.chunk_size,
-                      theta=theta, workers=args.workers, progress=not args.quiet)
+                      theta=theta, workers=args.workers, progress=not args.quiet,
+                      scheduler=args.scheduler)
     rep = result.report
     if result.simulated:
         print(f"{args.out}: {rep.summary()}; simulated {result.simulated} now in "
@@ -399,7 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="integer seed (default 0)")
     p.add_argument("--out", required=True, help="dataset directory (zarr)")
     p.add_argument("--chunk-size", type=int, help="rows per chunk")
-    p.add_argument("--workers", type=int, default=1, help="processes for black-box simulators")
+    p.add_argument("--workers", type=int,
+                   help="processes for black-box simulators (default 1), or the number of "
+                        "LocalCluster workers with --scheduler local (default: one per core)")
+    p.add_argument("--scheduler",
+                   help="run chunks as Dask tasks: 'local' (an embedded LocalCluster) or "
+                        "an existing scheduler's address, tcp://host:port; the dataset "
+                        "directory must be shared with the workers")
     p.add_argument("--theta", help="explicit parameters, (n, D) .npy or .csv, instead of the prior")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)

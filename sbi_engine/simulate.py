@@ -10,6 +10,10 @@ Determinism: with ``base = PRNGKey(seed)``, row ``i`` uses
 depends only on ``(seed, i)``: chunks can run in any order, on any worker, and an
 interrupted run resumed later writes the same bytes as an uninterrupted one.
 
+Scale: ``devices=`` shards each chunk's rows over local JAX devices (``jax.sharding``)
+and ``scheduler=`` runs each chunk as a Dask task that writes its own zarr chunk (see
+:mod:`sbi_engine.distributed`); both give the bytes of a single-process run.
+
 Failures: a row whose ``x`` is not all finite (a JAX simulator returning NaN, a
 black-box simulator raising or returning garbage) is stored as NaN with
 ``valid = False``; invalid rows are counted per chunk and in the manifest, never raised.
@@ -96,13 +100,15 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _compiled_chunk_fn(sim: Simulator, chunk: int, prior: Prior, nu_mode: str,
-                       explicit_theta: bool):
+                       explicit_theta: bool, sharding: Any = None):
     """``fn(base_key, start, theta_in, nu_in) -> (theta (C, D), nu (C, K) | None, out)``.
 
     ``out`` is ``x (C, X)`` for JAX simulators and the row keys ``(C, 2)`` otherwise.
+    With a ``sharding`` (rows over devices) the outputs are laid out, and so computed,
+    across its devices; ``C`` must then be a multiple of the device count.
     """
     cache = _COMPILED.setdefault(sim, {})
-    tag = (chunk, repr(prior.to_dict()), nu_mode, explicit_theta)
+    tag = (chunk, repr(prior.to_dict()), nu_mode, explicit_theta, sharding)
     if tag in cache:
         return cache[tag]
     nominal = jnp.asarray(sim.nominal_nu())
@@ -128,24 +134,35 @@ def _compiled_chunk_fn(sim: Simulator, chunk: int, prior: Prior, nu_mode: str,
             return theta_c, nu_c, sim.simulate_rows(keys, theta_c, nu_c).astype(jnp.float32)
         return theta_c, nu_c, keys
 
-    cache[tag] = jax.jit(fn)
+    cache[tag] = jax.jit(fn) if sharding is None else jax.jit(fn, out_shardings=sharding)
     return cache[tag]
 
 
 class _ChunkMaker:
-    """Builds (θ, ν) and simulates x for rows ``[start, start + C)``."""
+    """Builds (θ, ν) and simulates x for rows ``[start, start + C)``.
+
+    ``theta``/``nu`` (explicit arrays) hold rows ``[offset, offset + len)``. With a
+    ``sharding`` (JAX simulators), the compiled chunk is padded to a multiple of its
+    device count; the padding rows are computed and dropped.
+    """
 
     def __init__(self, sim: Simulator, seed: int, chunk: int, prior: Prior,
-                 theta: np.ndarray | None, nu_mode: str, nu: np.ndarray | None):
-        self.sim, self.chunk = sim, chunk
+                 theta: np.ndarray | None, nu_mode: str, nu: np.ndarray | None, *,
+                 offset: int = 0, sharding: Any = None):
+        if sharding is not None and isinstance(sim, JaxSimulator):
+            n = len(sharding.device_set)
+            chunk = -(-chunk // n) * n
+        else:
+            sharding = None
+        self.sim, self.chunk, self.offset = sim, chunk, offset
         self.theta, self.nu_array, self.nu_mode = theta, nu, nu_mode
         self.base = jax.random.PRNGKey(seed)
-        self.fn = _compiled_chunk_fn(sim, chunk, prior, nu_mode, theta is not None)
+        self.fn = _compiled_chunk_fn(sim, chunk, prior, nu_mode, theta is not None, sharding)
 
     def _rows(self, arr: np.ndarray | None, start: int, rows: int) -> jax.Array | None:
         if arr is None:
             return None
-        part = arr[start:start + rows]
+        part = arr[start - self.offset:start - self.offset + rows]
         if rows < self.chunk:  # pad the tail chunk so one compilation serves all chunks
             part = np.concatenate([part, np.repeat(part[-1:], self.chunk - rows, axis=0)])
         return jnp.asarray(part)
@@ -182,8 +199,10 @@ def simulate(
     theta: Any = None,
     proposal: Prior | None = None,
     nu: str | Any = "prior",
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = True,
+    devices: int | str | None = None,
+    scheduler: Any = None,
 ) -> SimulationResult:
     """Simulate a training set, in memory or into a resumable on-disk dataset.
 
@@ -200,9 +219,17 @@ def simulate(
         proposal: draw θ from this prior instead of ``simulator.prior``.
         nu: for simulators with nuisances: ``"prior"`` (draw from the nuisance prior),
             ``"nominal"``, or an explicit array ``(N, K)``.
-        workers: processes for black-box simulators (ignored, with a warning, for JAX
-            simulators, which use the device's own parallelism).
+        workers: processes for black-box simulators (default 1; ignored, with a warning,
+            for JAX simulators, which use the device's own parallelism). With
+            ``scheduler="local"``: the number of Dask workers (default: one per core).
         progress: show a progress bar (rate and ETA) once a run takes over 2 s.
+        devices: shard each chunk's rows over local JAX devices: ``"all"``, a count, or
+            None (the default device only). JAX simulators; the rows are the same bytes.
+            With a ``scheduler``, each worker shards over its own devices.
+        scheduler: run each chunk as a Dask task that writes its own zarr chunk (needs
+            ``out`` and the ``dask`` extra): ``"local"`` (a ``LocalCluster`` for this
+            call), ``"tcp://host:port"`` (an existing cluster), or a ``distributed.Client``
+            or cluster object. See :mod:`sbi_engine.distributed`.
 
     Returns:
         A :class:`SimulationResult`.
@@ -254,9 +281,19 @@ def simulate(
     if chunk <= 0:
         raise ConfigError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
     chunk = min(chunk, num)
-    if workers < 1:
-        raise ConfigError(f"workers: expected >= 1, got {workers}")
-    if workers > 1 and not isinstance(sim, BlackBoxSimulator):
+    if workers is not None and (isinstance(workers, bool)
+                                or not isinstance(workers, (int, np.integer)) or workers < 1):
+        raise ConfigError(f"workers: expected an integer >= 1, got {workers!r}")
+    if scheduler is not None and out is None:
+        raise ConfigError("out: a run with a scheduler writes a dataset; give out=PATH")
+    sharding = None
+    if devices is not None:
+        from sbi_engine.distributed import batch_sharding, check_devices
+
+        check_devices(devices)
+        if scheduler is None:
+            sharding = batch_sharding(devices)
+    if scheduler is None and (workers or 1) > 1 and not isinstance(sim, BlackBoxSimulator):
         warnings.warn(f"workers={workers} ignored: {sim.name!r} is a JAX simulator, batched "
                       "on the default device", stacklevel=2)
 
@@ -280,30 +317,43 @@ def simulate(
         store = DatasetStore.create_or_resume(out, identity, dims)
         todo = [i for i in todo if not store.is_done(i)]
 
-    maker = _ChunkMaker(sim, seed, chunk, prior, theta_arr, nu_mode, nu_arr)
     report = SimulationReport()
     parts: dict[int, dict] = {}
     pool = None
-    if isinstance(sim, BlackBoxSimulator) and workers > 1 and todo:
+    if scheduler is None and isinstance(sim, BlackBoxSimulator) and (workers or 1) > 1 and todo:
         pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     done_rows = num - sum(min(chunk, num - i * chunk) for i in todo)
     bar = tqdm(total=num, initial=done_rows, unit="sim", unit_scale=True, delay=2.0,
                disable=not progress, desc=f"simulate {sim.name}", dynamic_ncols=True)
     t0 = time.perf_counter()
     simulated = 0
+
+    def chunk_done(rows: int, rep: SimulationReport) -> None:
+        nonlocal simulated
+        report.add(rep)
+        simulated += rows
+        bar.update(rows)
+        bar.set_postfix(invalid=report.invalid, refresh=False)
+
     try:
-        for i in todo:
-            start = i * chunk
-            rows = min(chunk, num - start)
-            arrays, rep = maker.make(start, rows, pool)
-            report.add(rep)
-            simulated += rows
-            if store is not None:
-                store.write_chunk(i, arrays, {"errors": dict(rep.errors)})
-            else:
-                parts[i] = arrays
-            bar.update(rows)
-            bar.set_postfix(invalid=report.invalid, refresh=False)
+        if scheduler is not None:
+            from sbi_engine.distributed import run_chunks
+
+            run_chunks(store, sim, seed=seed, prior=prior, theta=theta_arr, nu_mode=nu_mode,
+                       nu=nu_arr, todo=todo, scheduler=scheduler, workers=workers,
+                       devices=devices, on_chunk=chunk_done)
+        else:
+            maker = _ChunkMaker(sim, seed, chunk, prior, theta_arr, nu_mode, nu_arr,
+                                sharding=sharding)
+            for i in todo:
+                start = i * chunk
+                rows = min(chunk, num - start)
+                arrays, rep = maker.make(start, rows, pool)
+                if store is not None:
+                    store.write_chunk(i, arrays, {"errors": dict(rep.errors)})
+                else:
+                    parts[i] = arrays
+                chunk_done(rows, rep)
     finally:
         bar.close()
         if pool is not None:

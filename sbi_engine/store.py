@@ -264,6 +264,18 @@ class DatasetStore:
     def write_chunk(self, index: int, arrays: dict[str, np.ndarray | None],
                     extra: dict[str, Any] | None = None) -> dict:
         """Write rows of chunk ``index``, then its completion record. Returns the record."""
+        record = self.write_chunk_data(index, arrays, extra)
+        self.commit_chunk(record, verify=False)
+        return record
+
+    def write_chunk_data(self, index: int, arrays: dict[str, np.ndarray | None],
+                         extra: dict[str, Any] | None = None) -> dict:
+        """Write rows of chunk ``index`` but no record; return the record to commit.
+
+        Used by distributed runs: a worker writes the data, the client that owns the
+        dataset commits the record (:meth:`commit_chunk`) once the chunk is checked.
+        Writing the same chunk twice writes the same bytes.
+        """
         start, stop = self.bounds(index)
         group = self._group("r+")
         for name in ARRAYS:
@@ -282,8 +294,28 @@ class DatasetStore:
             "invalid": int((~np.asarray(arrays["valid"])).sum()),
             **(extra or {}),
         }
-        _write_json(self._record_path(index), record)
         return record
+
+    def commit_chunk(self, record: dict, *, verify: bool = True) -> None:
+        """Write the completion record of a chunk written by :meth:`write_chunk_data`.
+
+        Args:
+            record: the dict :meth:`write_chunk_data` returned (``index``, ``sha256``, ...).
+            verify: first read the chunk back and check its data match ``record["sha256"]``.
+
+        Raises:
+            DatasetError: with ``verify``, the data on disk do not match the record.
+        """
+        index = int(record["index"])
+        if verify:
+            start, stop = self.bounds(index)
+            chunk = self.read_chunk(index, verify=False)
+            found = chunk_checksum({"theta": chunk.theta, "nu": chunk.nu, "x": chunk.x,
+                                    "valid": chunk.valid})
+            if found != record["sha256"]:
+                raise DatasetError(f"dataset {self.path}: chunk {index} (rows {start}-{stop}) "
+                                   "on disk does not match the checksum its writer reported")
+        _write_json(self._record_path(index), record)
 
     def read_chunk(self, index: int, *, verify: bool = True) -> Chunk:
         """Read chunk ``index``; with ``verify`` check its checksum against the record."""
