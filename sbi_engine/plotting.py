@@ -35,15 +35,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import NullFormatter
 from scipy import ndimage, stats
 
 from sbi_engine.diagnostics import CoverageResult, PredictiveCheck
 from sbi_engine.errors import ShapeError
+from sbi_engine.store import FILE_MODE
 
 __all__ = [
     "pairplot",
     "plot_coverage",
     "plot_heatmap",
+    "plot_learning_curve",
     "plot_predictive",
     "plot_roc",
     "plot_sbc_ranks",
@@ -85,7 +88,7 @@ def save_figure(fig: Figure, path: PathLike, *, dpi: int = 120) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format=fmt, dpi=dpi)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

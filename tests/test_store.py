@@ -205,3 +205,19 @@ def test_killed_cli_run_resumes_to_identical_bytes(tmp_path, sig):
     assert resumed.returncode == 0, err.decode()
     assert "simulated " in out.decode()
     assert tree_bytes(part) == tree_bytes(ref)
+
+
+def test_atomic_writes_get_the_umask_permissions_not_private_ones(tmp_path):
+    import os
+    import stat
+
+    from sbi_engine.store import atomic_write_bytes, atomic_write_dir
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        atomic_write_dir(tmp_path / "model", {"w.npz": b"x"})
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o777 & ~mask
