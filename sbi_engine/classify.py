@@ -15,7 +15,9 @@ minibatch (weights ``w`` are expected event counts, see :mod:`sbi_engine.events`
   Krücker 2018, arXiv:1806.00322): ``L = −Z_A(s, b, σ_b)``, with
   ``s = Σ_{y=1} w_i σ(f(x_i))``, ``b = Σ_{y=0} w_i σ(f(x_i))`` (the minibatch weights
   scaled to the full dataset's yields), ``σ_b = sigma_b · b`` and Cowan's ``Z_A``
-  (:func:`~sbi_engine.significance.asimov_z_sigma_b`).
+  (:func:`~sbi_engine.significance.asimov_z_sigma_b`); ``b`` is floored at
+  ``min_background`` expected events, so a minibatch that selects no background
+  cannot send ``Z_A`` (and the gradient) to infinity.
 - ``"inferno"`` — INFERNO's inference-aware loss (de Castro & Dorigo 2019,
   arXiv:1806.04743). The network outputs ``bins`` logits; a softmax with temperature
   ``T`` gives a soft histogram whose expected counts are
@@ -23,11 +25,18 @@ minibatch (weights ``w`` are expected event counts, see :mod:`sbi_engine.events`
   events simulated *inside* the loss at fixed keys (the generator's sampling is
   reparameterised, so ``x`` is differentiable in ``ν``). With ``θ = (μ, ν_free)``,
   the Fisher information is the Hessian at ``θ₀`` of the Poisson NLL of the Asimov
-  counts ``n(θ₀)``, ``I = ∇²_θ Σ_j [n_j(θ) − n_j(θ₀) ln n_j(θ)]`` (``jax.hessian``),
+  counts ``n(θ₀)``, ``I = ∇²_θ Σ_j [n_j(θ) − n_j(θ₀) ln n_j(θ)]``, which at the Asimov
+  point is exactly ``I = Jᵀ diag(1/n) J`` with ``J = ∂n/∂θ`` (``jax.jacfwd``: one
+  forward pass per parameter instead of a Hessian; same value and, since the Asimov
+  counts follow the network, the same gradient as the authors' un-stopped Hessian),
   plus ``1/σ_k²`` for each constrained nuisance (benchmarks B3/B4). The loss is
   ``(I⁻¹)_μμ``, the expected variance of the signal strength; ``σ_s = S·√(I⁻¹)_μμ``
   with ``S`` the nominal signal yield is the paper's "expected uncertainty on s".
-  The INFERNO benchmarks B0–B4 are ``free_nuisances``/``constrain`` settings.
+  The INFERNO benchmarks B0–B4 are ``free_nuisances``/``constrain`` settings. A
+  trained summary is evaluated as the paper does, on *hard* (argmax) bins:
+  :func:`binned_fisher` builds the templates at the nominal ``ν`` and at ``ν ± h``
+  (the same events, transformed) and takes the Poisson Fisher information of central
+  differences (``experiments/bench_inferno.py`` reproduces the paper's table).
 - ``"pivot"`` — adversarial training to a pivot (Louppe, Kagan & Cranmer 2017,
   arXiv:1611.01046): a mixture-density adversary ``r_ψ(ν | f(x))`` predicts the
   nuisances from the classifier output. The classifier minimises
@@ -41,15 +50,27 @@ hyper) -> state`` and ``step(state, batch) -> (state, metrics)``; a whole run is
 models (settings × seeds: one key each, datasets stacked ``(M, N, F)`` or shared,
 numeric hyperparameters :data:`HYPER` per model) under ``jax.vmap`` in the same single
 compiled loop; :func:`train_one` trains one.
+
+Files: :func:`save_classifier` writes a directory with ``classifier.json`` (format,
+version, structure, config, metadata, checksum) and ``weights.npz`` (plain float
+arrays), atomically; :func:`load_classifier` never unpickles and refuses another format
+version, a truncated or corrupted weights file, or arrays that do not match the
+structure with a :class:`ClassifierFileError` that says which.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import io
+import itertools
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -59,16 +80,20 @@ import numpy as np
 import optax
 from flax import struct
 
-from sbi_engine.errors import ConfigError, ShapeError
+from sbi_engine.errors import ConfigError, SbiEngineError, ShapeError
 from sbi_engine.events import EventData, EventGenerator, make_dataset
 from sbi_engine.significance import asimov_z_sigma_b
+from sbi_engine.store import atomic_write_dir
 
 __all__ = [
+    "FORMAT_VERSION",
     "HYPER",
     "LOSSES",
     "Batch",
     "ClassifierConfig",
+    "ClassifierFileError",
     "ClassifierParams",
+    "SavedClassifier",
     "TrainData",
     "TrainResult",
     "TrainState",
@@ -76,12 +101,15 @@ __all__ = [
     "asimov_loss",
     "augmented_data",
     "bce_loss",
+    "binned_fisher",
     "inferno_fisher",
+    "load_classifier",
     "make_trainer",
     "mdn_nll",
     "predict",
     "predict_many",
     "roc_auc",
+    "save_classifier",
     "select",
     "soft_summary",
     "train_data",
@@ -142,6 +170,8 @@ class ClassifierConfig:
         parameterised: feed ``ν`` as extra input (Baldi et al. 2016).
         balance: BCE with class-balanced weights (else the yields as weights).
         sigma_b: ``"asimov"``: relative background uncertainty, ``σ_b = sigma_b · b``.
+        min_background: ``"asimov"``: floor on the soft-selected background (expected
+            events, ``> 0``), so ``Z_A`` stays finite when a minibatch selects none.
         bins: ``"inferno"``: number of softmax bins (network outputs).
         temperature: ``"inferno"``: softmax temperature.
         free_nuisances: ``"inferno"``: nuisances profiled besides ``μ`` (B1: ``("r",)``).
@@ -166,6 +196,7 @@ class ClassifierConfig:
     parameterised: bool = False
     balance: bool = True
     sigma_b: float = 0.0
+    min_background: float = 1.0
     bins: int = 10
     temperature: float = 0.1
     free_nuisances: tuple[str, ...] = ()
@@ -202,7 +233,7 @@ class ClassifierConfig:
         if not (isinstance(self.bins, int) and not isinstance(self.bins, bool)
                 and self.bins >= 2):
             raise ConfigError(f"classifier bins: expected an int >= 2, got {self.bins!r}")
-        for name in ("learning_rate", "temperature", "adv_learning_rate"):
+        for name in ("learning_rate", "temperature", "adv_learning_rate", "min_background"):
             _positive_float(name, getattr(self, name))
         for name in ("sigma_b", "adv_lambda"):
             _positive_float(name, getattr(self, name), zero=True)
@@ -406,21 +437,32 @@ def bce_loss(logits: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.sum(w * ell) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
-def asimov_loss(probs: jax.Array, y: jax.Array, w: jax.Array, sigma_b: Any = 0.0
+def asimov_loss(probs: jax.Array, y: jax.Array, w: jax.Array, sigma_b: Any = 0.0, *,
+                min_background: Any = 1.0
                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Negative Asimov significance with relative background uncertainty (Elwood & Krücker).
+
+    ``Z_A`` grows without bound as the selected background goes to zero, and a
+    minibatch estimate of ``b`` hits zero whenever the soft selection keeps none of the
+    batch's background events: the loss would then reward an empty-background selection
+    with ``Z → ∞`` (and float32 gradients overflow). The background is therefore
+    floored, ``b = max(Σ_{y=0} w σ(f), min_background)`` (expected events, like the
+    ``min_background`` of :func:`~sbi_engine.significance.threshold_scan`); below the
+    floor the loss only pushes the signal up. Value and gradient stay finite for any
+    ``probs`` in ``[0, 1]``.
 
     Args:
         probs: ``(B,)`` classifier outputs in ``[0, 1]`` (a soft selection).
         y: ``(B,)`` labels.
         w: ``(B,)`` weights, scaled so their sums are the expected yields.
         sigma_b: relative background uncertainty (``σ_b = sigma_b · b``).
+        min_background: floor on the selected background, ``> 0`` (expected events).
 
     Returns:
-        ``(−Z_A, (s, b))`` with ``s, b`` the soft-selected yields.
+        ``(−Z_A, (s, b))`` with ``s, b`` the soft-selected yields (``b`` floored).
     """
     s = jnp.sum(w * y * probs)
-    b = jnp.maximum(jnp.sum(w * (1.0 - y) * probs), 1e-6)
+    b = jnp.maximum(jnp.sum(w * (1.0 - y) * probs), min_background)
     return -asimov_z_sigma_b(s, b, sigma_b * b), (s, b)
 
 
@@ -448,14 +490,17 @@ def inferno_fisher(summary: Callable[[jax.Array], jax.Array], generator: EventGe
     """Fisher information of ``θ = (μ, ν_free)`` for a soft-binned summary (INFERNO).
 
     Events of every process are simulated inside at the fixed keys
-    ``fold_in(key, p)``, so the expected counts are differentiable in ``ν`` through the
-    simulator. The Fisher matrix is ``jax.hessian`` of the Poisson NLL of the Asimov
-    counts at ``θ₀ = (1, ν0_free)``, plus ``diag(0, constraint)``.
+    ``fold_in(key, p)``, so the expected counts ``n(θ)`` are differentiable in ``ν``
+    through the simulator. The Fisher matrix is the Hessian of the Poisson NLL of the
+    Asimov counts at ``θ₀ = (1, ν0_free)``, computed as its exact equivalent there,
+    ``Jᵀ diag(1/n(θ₀)) J`` with ``J = ∂n/∂θ`` (``jax.jacfwd``), plus
+    ``diag(0, constraint)``. Bins with no expected events (a softmax that underflowed)
+    contribute nothing instead of ``0/0``.
 
     Args:
         summary: ``x (n, F) -> (n, bins)`` soft assignments (rows sum to 1).
         generator: the event generator (reparameterised sampling).
-        key: a ``jax.random`` key (fixed within the Hessian).
+        key: a ``jax.random`` key (fixed: the same events for every ``θ``).
         n: events simulated per process (static).
         nu0: ``(K,)`` the nuisance values of the Asimov dataset.
         free: indices of the nuisances profiled besides ``μ`` (static).
@@ -475,19 +520,119 @@ def inferno_fisher(summary: Callable[[jax.Array], jax.Array], generator: EventGe
             frac = jnp.mean(summary(x), axis=0)
             scale = theta[0] if proc.signal else 1.0
             total = total + scale * generator.expected_yield(p, nu) * frac
-        return total
+        return total, total
 
     theta0 = jnp.concatenate([jnp.ones((1,), jnp.float32), nu0[free_idx]])
-    asimov = counts(theta0)  # no stop_gradient: the Hessian at θ₀ is then exactly Σ ∂n∂nᵀ/n
-
-    def nll(theta):
-        nexp = counts(theta)
-        return jnp.sum(nexp - asimov * jnp.log(nexp))
-
-    fisher = jax.hessian(nll)(theta0)
+    jac, asimov = jax.jacfwd(counts, has_aux=True)(theta0)  # (bins, P), (bins,)
+    tiny = jnp.finfo(asimov.dtype).tiny
+    inv = jnp.where(asimov > tiny, 1.0 / jnp.where(asimov > tiny, asimov, 1.0), 0.0)
+    fisher = jac.T @ (jac * inv[:, None])
     if constraint is not None and free:
         fisher = fisher + jnp.diag(jnp.concatenate([jnp.zeros((1,)), constraint]))
     return fisher
+
+
+def _default_step(generator: EventGenerator, k: int) -> float:
+    width = generator.constraints[k]
+    par = generator.nuisances[k]
+    return 0.5 * width if width is not None else 0.05 * (par.high - par.low)
+
+
+def binned_fisher(score: Callable[[jax.Array], Any], generator: EventGenerator,
+                  key: jax.Array, *, n: int, edges: Any = 10, nu0: Any = None,
+                  steps: Mapping[str, float] | None = None) -> np.ndarray:
+    """Expected Fisher information of ``θ = (μ, ν)`` for a hard-binned summary (templates).
+
+    How the INFERNO paper evaluates every summary (de Castro & Dorigo 2019, §5.1 and
+    the authors' ``template_model.py`` / ``summary_statistic_computer.py``): ``n``
+    events per process are simulated once at fixed keys (``fold_in(key, p)``); the
+    score is histogrammed on ``edges``, weighted to the expected yields, at the
+    nominal ``ν0`` and at ``ν0 ± h_k e_k`` for every nuisance — the *same* events,
+    transformed (reparameterised sampling), so the template differences are smooth.
+    With the expected counts ``n_j(θ) = μ S_j(ν) + B_j(ν)`` and central differences
+    ``∂n/∂ν_k ≈ (n(ν0 + h_k) − n(ν0 − h_k)) / 2h_k`` (the derivative at ``ν0`` of the
+    authors' quadratic three-point interpolation), the Fisher information of the
+    Poisson counts on their Asimov dataset is ``I = Jᵀ diag(1/n(θ₀)) J``. As in the
+    authors' code, bins with no nominal signal or no nominal background are dropped.
+
+    Args:
+        score: ``x (n, F) -> (n,)`` scores, or ``(M, n)`` for ``M`` stacked models (e.g.
+            ``lambda x: predict_many(params, x)``; an INFERNO summary's :func:`predict`
+            is its hard bin centre, so ``edges=bins`` gives the argmax histogram).
+        generator: the event generator (reparameterised sampling).
+        key: a ``jax.random`` key.
+        n: events simulated per process (static).
+        edges: ``(B+1,)`` increasing bin edges, or an int ``B`` for ``B`` equal bins on
+            ``[0, 1]``.
+        nu0: ``(K,)`` nominal nuisances of the Asimov dataset (``None``: the generator's).
+        steps: ``{nuisance: h}`` finite-difference half-steps; default half the
+            Gaussian constraint width (the authors' ``r ± 0.2``, ``λ ± 0.5`` on the
+            INFERNO toy), or 5 % of the range for an unconstrained nuisance.
+
+    Returns:
+        ``(1 + K, 1 + K)`` float64 Fisher matrix in the order ``(μ, *nuisance_names)``
+        (``(M, 1 + K, 1 + K)`` for stacked scores). For the signal yield ``s = μ S``
+        instead of ``μ``, divide row and column 0 by ``S``.
+    """
+    if isinstance(edges, (int, np.integer)) and not isinstance(edges, bool):
+        if edges < 1:
+            raise ConfigError(f"edges: expected a positive number of bins, got {edges}")
+        edges = np.linspace(0.0, 1.0, int(edges) + 1)
+    edges = np.asarray(edges, np.float64)
+    if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
+        raise ConfigError("edges: expected at least two increasing bin edges")
+    _positive_int("n", n)
+    steps = dict(steps or {})
+    unknown = sorted(set(steps) - set(generator.nuisance_names))
+    if unknown:
+        raise ConfigError(f"steps: unknown nuisance(s) {unknown} for generator "
+                          f"{generator.name!r}; known: {', '.join(generator.nuisance_names)}")
+    h = np.array([steps.get(name, _default_step(generator, k))
+                  for k, name in enumerate(generator.nuisance_names)], np.float64)
+    if not np.all(np.isfinite(h) & (h > 0)):
+        bad = {k: float(v) for k, v in zip(generator.nuisance_names, h)}
+        raise ConfigError(f"steps: expected finite steps > 0, got {bad}")
+    nu0 = np.asarray(generator._nu(nu0), np.float64)
+    n_bins = edges.size - 1
+    sample = jax.jit(generator.sample, static_argnums=(1, 2))
+
+    def hist(scores: np.ndarray, weight: float) -> np.ndarray:  # (..., n) -> (..., B)
+        lead = scores.shape[:-1]
+        idx = np.clip(np.searchsorted(edges, scores.reshape(-1, n), side="right") - 1,
+                      0, n_bins - 1)
+        idx = idx + n_bins * np.arange(idx.shape[0])[:, None]
+        counts = np.bincount(idx.reshape(-1), minlength=idx.shape[0] * n_bins)
+        return counts.reshape(*lead, n_bins) * weight
+
+    nominal_x = [sample(jax.random.fold_in(key, p), n, p, jnp.asarray(nu0, jnp.float32))
+                 for p in range(len(generator.processes))]
+    nominal_scores = [np.asarray(score(x), np.float64) for x in nominal_x]
+    if any(sc.shape[-1] != n for sc in nominal_scores):
+        raise ShapeError(f"score: expected scores of shape (n,) or (M, n) with n = {n}, "
+                         f"got {nominal_scores[0].shape}")
+
+    def counts(nu: np.ndarray, p: int) -> np.ndarray:
+        nu32 = jnp.asarray(nu, jnp.float32)
+        x = sample(jax.random.fold_in(key, p), n, p, nu32)
+        same = bool(jnp.array_equal(x, nominal_x[p]))  # e.g. a signal ν does not move
+        sc = nominal_scores[p] if same else np.asarray(score(x), np.float64)
+        return hist(sc, float(generator.expected_yield(p, nu32)) / n)
+
+    signal = [proc.signal for proc in generator.processes]
+    per_process = [counts(nu0, p) for p in range(len(signal))]
+    sig = sum(c for c, is_sig in zip(per_process, signal) if is_sig)
+    bkg = sum(c for c, is_sig in zip(per_process, signal) if not is_sig)
+    columns = [sig]
+    for k in range(generator.dim_nu):
+        shift = np.zeros_like(nu0)
+        shift[k] = h[k]
+        up = sum(counts(nu0 + shift, p) for p in range(len(signal)))
+        down = sum(counts(nu0 - shift, p) for p in range(len(signal)))
+        columns.append((up - down) / (2.0 * h[k]))
+    jac = np.stack(columns, axis=-1)  # (..., B, P)
+    keep = (sig > 0) & (bkg > 0)
+    inv = np.where(keep, 1.0 / np.where(keep, sig + bkg, 1.0), 0.0)
+    return np.einsum("...bi,...b,...bj->...ij", jac, inv, jac)
 
 
 # ------------------------------------------------------------------------------------
@@ -662,7 +807,8 @@ def _asimov_objective(config, ctx):
     def loss(params, adv, batch, state):
         z = batch.x if not config.parameterised else jnp.concatenate([batch.x, batch.nu], -1)
         probs = jax.nn.sigmoid(params.logits(z)[:, 0])
-        value, (s, b) = asimov_loss(probs, batch.y, batch.w, state.hyper["sigma_b"])
+        value, (s, b) = asimov_loss(probs, batch.y, batch.w, state.hyper["sigma_b"],
+                                    min_background=config.min_background)
         return value, {"z": -value, "s": s, "b": b}
     return loss
 
@@ -976,3 +1122,192 @@ def train_many(keys: jax.Array, data: TrainData | EventData, config: ClassifierC
     metrics = {k: np.asarray(v) for k, v in metrics.items()}
     return TrainResult(state.params, state, metrics, time.perf_counter() - start,
                        _TRACES.get(tag, 0))
+
+
+# ------------------------------------------------------------------------------------
+# Files (no pickle)
+# ------------------------------------------------------------------------------------
+
+FORMAT = "sbi-engine-classifier"
+FORMAT_VERSION = 1
+_HEADER, _WEIGHTS = "classifier.json", "weights.npz"
+
+
+class ClassifierFileError(SbiEngineError):
+    """A saved classifier is missing, corrupted, or from an incompatible format version."""
+
+
+class SavedClassifier(NamedTuple):
+    """What :func:`load_classifier` returns.
+
+    Attributes:
+        params: the :class:`ClassifierParams` (leaves stacked ``(M, ...)`` if saved so).
+        config: the :class:`ClassifierConfig` it was trained with, or ``None``.
+        metadata: the JSON metadata given to :func:`save_classifier`.
+    """
+
+    params: ClassifierParams
+    config: ClassifierConfig | None
+    metadata: dict[str, Any]
+
+
+def _expected_arrays(hidden: tuple[int, ...], inputs: int, outputs: int,
+                     stack: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    shapes = {"loc": (*stack, inputs), "scale": (*stack, inputs)}
+    widths = (inputs, *hidden, outputs)
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        shapes[f"net/Dense_{i}/kernel"] = (*stack, a, b)
+        shapes[f"net/Dense_{i}/bias"] = (*stack, b)
+    return shapes
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.ndarray, jax.Array)):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def save_classifier(path: str | os.PathLike, params: ClassifierParams,
+                    config: ClassifierConfig | None = None, *,
+                    metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write a classifier to the directory ``path`` atomically, without pickle.
+
+    ``path/classifier.json`` holds the format and its version, the engine version, the
+    network's structure (hidden widths, activation, inputs, outputs, stacked models),
+    the :class:`ClassifierConfig`, the metadata, and the SHA-256 of
+    ``path/weights.npz``, which holds the arrays (float32): ``loc``, ``scale`` and
+    ``net/Dense_i/{kernel,bias}``. Both files are written to a temporary directory
+    that is then renamed over ``path`` (:func:`~sbi_engine.store.atomic_write_dir`).
+
+    Args:
+        path: the model directory (created or replaced).
+        params: :class:`ClassifierParams` of one model, or stacked ``(M, ...)`` from
+            :func:`train_many`.
+        config: the training config, stored for the record (optional).
+        metadata: JSON-able extra information (arrays become lists).
+
+    Returns:
+        The directory's path.
+    """
+    from sbi_engine import __version__
+
+    if not isinstance(params, ClassifierParams):
+        raise ShapeError(f"params: expected ClassifierParams, got {type(params).__name__}")
+    if config is not None and not isinstance(config, ClassifierConfig):
+        raise ConfigError(f"config: expected a ClassifierConfig or None, got "
+                          f"{type(config).__name__}")
+    loc = np.asarray(params.loc)
+    stack, inputs = tuple(int(d) for d in loc.shape[:-1]), int(loc.shape[-1])
+    n_layers = len(params.hidden) + 1
+    arrays = {"loc": loc, "scale": np.asarray(params.scale)}
+    for i in range(n_layers):
+        layer = params.net["params"][f"Dense_{i}"]
+        arrays[f"net/Dense_{i}/kernel"] = np.asarray(layer["kernel"])
+        arrays[f"net/Dense_{i}/bias"] = np.asarray(layer["bias"])
+    outputs = int(arrays[f"net/Dense_{n_layers - 1}/bias"].shape[-1])
+    expected = _expected_arrays(tuple(params.hidden), inputs, outputs, stack)
+    for name, arr in arrays.items():
+        if arr.shape != expected[name]:
+            raise ShapeError(f"params {name}: expected shape {expected[name]} for hidden "
+                             f"{tuple(params.hidden)}, got {arr.shape}")
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: v.astype(np.float32) for k, v in arrays.items()})
+    weights = buffer.getvalue()
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "engine_version": __version__,
+        "hidden": list(params.hidden),
+        "activation": params.activation,
+        "inputs": inputs,
+        "outputs": outputs,
+        "stack": list(stack),
+        "config": None if config is None else _jsonable(config.to_dict()),
+        "metadata": _jsonable(dict(metadata or {})),
+        "weights": {"file": _WEIGHTS, "sha256": hashlib.sha256(weights).hexdigest()},
+    }
+    return atomic_write_dir(path, {
+        _HEADER: (json.dumps(header, indent=1, sort_keys=True) + "\n").encode(),
+        _WEIGHTS: weights,
+    })
+
+
+def load_classifier(path: str | os.PathLike) -> SavedClassifier:
+    """Read a classifier written by :func:`save_classifier` (nothing is unpickled).
+
+    Args:
+        path: the model directory.
+
+    Returns:
+        :class:`SavedClassifier` ``(params, config, metadata)``.
+
+    Raises:
+        ClassifierFileError: a missing directory or file, invalid JSON, another format,
+            a format version this engine does not read, a weights file that is truncated
+            or corrupted (checksum), or arrays that do not match the stored structure.
+    """
+    path = Path(path)
+    hfile, wfile = path / _HEADER, path / _WEIGHTS
+    if not path.is_dir() or not hfile.is_file() or not wfile.is_file():
+        raise ClassifierFileError(f"classifier {path}: expected a directory with {_HEADER} "
+                                  f"and {_WEIGHTS} (written by save_classifier)")
+    try:
+        header = json.loads(hfile.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ClassifierFileError(f"classifier {path}: {_HEADER} is not valid JSON "
+                                  f"({err})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ClassifierFileError(f"classifier {path}: {_HEADER} is not an {FORMAT} file")
+    found = header.get("format_version")
+    if found != FORMAT_VERSION:
+        raise ClassifierFileError(
+            f"classifier {path}: format_version {found!r} (written by engine "
+            f"{header.get('engine_version')!r}); this engine reads version {FORMAT_VERSION}")
+    try:
+        hidden = tuple(int(v) for v in header["hidden"])
+        inputs, outputs = int(header["inputs"]), int(header["outputs"])
+        stack = tuple(int(v) for v in header["stack"])
+        activation = str(header["activation"])
+        digest = str(header["weights"]["sha256"])
+        config = None if header.get("config") is None else ClassifierConfig.from_dict(
+            header["config"])
+        metadata = dict(header.get("metadata") or {})
+    except (KeyError, TypeError, ValueError) as err:  # ConfigError is a ValueError
+        raise ClassifierFileError(f"classifier {path}: {_HEADER} is inconsistent "
+                                  f"({type(err).__name__}: {err})") from None
+    if activation not in _ACTIVATIONS:
+        raise ClassifierFileError(f"classifier {path}: {_HEADER} activation: expected one "
+                                  f"of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    raw = wfile.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != digest:
+        raise ClassifierFileError(f"classifier {path}: {_WEIGHTS} does not match the "
+                                  f"checksum in {_HEADER} (truncated or corrupted)")
+    expected = _expected_arrays(hidden, inputs, outputs, stack)
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except Exception as err:  # noqa: BLE001 - zipfile/numpy raise many types on garbage
+        raise ClassifierFileError(f"classifier {path}: {_WEIGHTS} cannot be read "
+                                  f"({type(err).__name__}: {err})") from None
+    if set(arrays) != set(expected):
+        raise ClassifierFileError(f"classifier {path}: {_WEIGHTS} holds arrays "
+                                  f"{sorted(arrays)}; expected {sorted(expected)}")
+    for name, shape in expected.items():
+        arr = arrays[name]
+        if arr.shape != shape or arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):
+            raise ClassifierFileError(f"classifier {path}: {_WEIGHTS} array {name!r}: "
+                                      f"expected finite floats of shape {shape}, got "
+                                      f"{arr.dtype} {arr.shape}")
+    net = {"params": {f"Dense_{i}": {
+        "kernel": jnp.asarray(arrays[f"net/Dense_{i}/kernel"], jnp.float32),
+        "bias": jnp.asarray(arrays[f"net/Dense_{i}/bias"], jnp.float32)}
+        for i in range(len(hidden) + 1)}}
+    params = ClassifierParams(net, jnp.asarray(arrays["loc"], jnp.float32),
+                              jnp.asarray(arrays["scale"], jnp.float32), hidden, activation)
+    return SavedClassifier(params, config, metadata)

@@ -131,13 +131,18 @@ def asimov_z_sigma_b(s: Any, b: Any, sigma_b: Any) -> jax.Array:
     v = jnp.where(no_sys, 1.0, v)  # safe value; the no-systematics branch is taken below
     bv = b + v
     small = jnp.abs(s / b) < _SMALL_T
-    series = 1.0 - s * (b + 2 * v) / (3 * b * bv) + s**2 * (b**2 + 3 * b * v + 3 * v**2) / (
-        6 * b**2 * bv**2)
-    sf = jnp.where(small, b, s)
-    x = v * sf / (b * bv)
-    first = (sf + b) * jnp.log1p(sf * b / (b**2 + (sf + b) * v))
-    second = sf * b / bv * jnp.log1p(x) / x
-    full = 2.0 * (first - second) * bv / sf**2
+    # each branch sees safe values where it is not taken, so that jnp.where's unused
+    # branch cannot put inf * 0 = NaN into the gradient (e.g. at b ~ 1e-6 in float32)
+    # (the series in t = s/b and u = b/(b+σ²), all O(1), so no b⁴ underflows in float32)
+    t = jnp.where(small, s, 0.0) / jnp.where(small, b, 1.0)
+    u = jnp.where(small, b, 1.0) / jnp.where(small, bv, 1.0)
+    series = 1.0 - t * (2.0 - u) / 3.0 + t**2 * (3.0 - 3.0 * u + u**2) / 6.0
+    sf, bf, vf = (jnp.where(small, 1.0, a) for a in (s, b, v))
+    bvf = bf + vf
+    x = vf * sf / (bf * bvf)
+    first = (sf + bf) * jnp.log1p(sf * bf / (bf**2 + (sf + bf) * vf))
+    second = sf * bf / bvf * jnp.log1p(x) / x
+    full = 2.0 * (first - second) * bvf / sf**2
     z = s / jnp.sqrt(bv) * jnp.sqrt(jnp.maximum(jnp.where(small, series, full), 0.0))
     return jnp.where(no_sys, asimov_z(s, b), z)
 
