@@ -7,7 +7,10 @@ Commands:
     simulators [NAME]     list registered simulators, or one simulator's parameters
     simulate NAME ...     simulate a dataset (resumable) into a zarr store
     info PATH             print a dataset's manifest summary and valid/invalid counts
-    demo                  the quick-start job on embedded defaults
+    systematics CONFIG    a train x test significance matrix over nuisance settings
+    run EXPERIMENT        run an experiment file (TOML): a run directory, or a sweep
+    leaderboard DIR       rank the runs under DIR by a metric
+    demo                  the quick-start job: NPE, a systematics study, a report
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sbi_engine.errors import SbiEngineError, ShapeError
+from sbi_engine.errors import ConfigError, SbiEngineError, ShapeError
 
 __all__ = ["main"]
 
@@ -286,67 +289,113 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Simulate a benchmark task, train NPE on it, and check the posterior against sbibm."""
-    from importlib import import_module
+    """Posterior estimation on a benchmark task and a systematics study, then a report.
 
-    import jax
+    Both are ordinary experiment runs (:mod:`sbi_engine.experiment`) into ``OUT/npe`` and
+    ``OUT/systematics``; ``OUT/report.md`` collects them. Rerunning resumes or reuses them.
+    """
+    from sbi_engine.experiment import ExperimentConfig, demo_specs, run_point, write_index_report
 
-    from sbi_engine import plotting
-    from sbi_engine.npe import NPEConfig, train_npe
-    from sbi_engine.simulate import simulate
-    from sbi_engine.simulator import get_simulator
-
+    _pin_cpu(args.device)
     t0 = time.perf_counter()
     out = Path(args.out)
-    name = args.simulator
-    sim = get_simulator(name)
-    print(f"sbi-engine demo — {name}: {sim.dim_theta} parameters -> {sim.dim_x} observables; "
-          f"writing to {out}/")
-    print(f"[1/3] simulating {args.num:,} draws from the prior")
-    result = simulate(sim, args.num, args.seed, out=out / f"{name}.zarr", progress=True)
-    if result.simulated:
-        print(f"      {result.report.summary()}; {result.seconds:.1f} s "
-              f"({_rate(result.rate)} sims/s, compilation included)")
+    specs = demo_specs(simulator=args.simulator, num=args.num, estimator=args.estimator,
+                       max_epochs=args.max_epochs, c2st_samples=args.c2st_samples,
+                       seed=args.seed, tiny=args.tiny)
+    npe = ExperimentConfig.from_dict(specs["npe"])
+    sysm = ExperimentConfig.from_dict(specs["systematics"])
+    print(f"sbi-engine demo: posterior estimation on {args.simulator} and a systematics study "
+          f"on the INFERNO toy; writing to {out}/")
+    print(f"\n=== [1/2] NPE ({args.estimator}) on {args.simulator}: {args.num:,} simulations, "
+          f"C2ST against the sbibm reference posterior ===")
+    r_npe = run_point(npe, out / "npe", device=args.device, overwrite=True)
+    c2st = r_npe.metrics["summary"].get("c2st")
+    if c2st is not None:
+        print(f"C2ST vs the sbibm reference posterior: {c2st['mean']:.3f} "
+              "(0.5 = indistinguishable; sbibm's published NPE at 10k for two_moons: 0.606)")
+    print("\n=== [2/2] systematics study on the INFERNO toy: train at each nuisance setting, "
+          "test at every other ===")
+    r_sys = run_point(sysm, out / "systematics", device=args.device, overwrite=True)
+    z = r_sys.metrics["summary"].get("best/z_worst")
+    if z is not None:
+        print(f"best worst-case Asimov Z over the test settings: {z['mean']:.3f}")
+    report = write_index_report(
+        out, "sbi-engine demo",
+        [(f"Posterior estimation: NPE on {args.simulator}", r_npe),
+         ("Systematics: the INFERNO toy", r_sys)],
+        intro="Two experiment runs; each directory holds its resolved `config.toml` "
+              "(rerun with `sbi-engine run DIR/config.toml --out DIR`), manifest, metrics, "
+              "models, plots and full report.")
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s.")
+    print(f"report: {report}  (pair plot: {out}/npe/plots/, heatmap: "
+          f"{out}/systematics/plots/heatmap.png)")
+    return 0
+
+
+def _pin_cpu(device: str | None) -> None:
+    """``--device cpu``: keep JAX off any GPU (its backends start on first use, after this)."""
+    if device == "cpu":
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+
+
+def cmd_run(args) -> int:
+    """Run an experiment file: one run directory, or a sweep of them."""
+    from sbi_engine.experiment import format_leaderboard, leaderboard, run
+
+    _pin_cpu(args.device)
+    if args.dry_run:
+        from sbi_engine.experiment import load_spec, resolve
+
+        points = resolve(load_spec(args.experiment), overrides=args.set or (),
+                         preset=args.preset)
+        for p in points:
+            if p.label:
+                print(f"# sweep point {p.dirname}")
+            print(p.config.to_toml())
+        print(f"# {len(points)} point(s); configuration valid")
+        return 0
+    if args.scheduler is not None:
+        from sbi_engine.distributed import map_points
+        from sbi_engine.experiment import load_spec, resolve
+
+        points = resolve(load_spec(args.experiment), overrides=args.set or (),
+                         preset=args.preset)
+        if len(points) == 1 and not points[0].label:
+            raise ConfigError("--scheduler: the experiment has a single point; a scheduler "
+                              "runs the points of a sweep (give a list value to sweep)")
+        name = points[0].config.name
+        out = args.out or str(Path("runs") / (f"{name}-{args.preset}" if args.preset else name))
+        results = map_points(points, out, args.scheduler, workers=args.workers,
+                             device=args.device, overwrite=args.overwrite)
     else:
-        print(f"      {result.report.summary()}; already complete, reused")
-
-    print(f"[2/3] training a neural posterior estimator ({args.estimator}, sbi's defaults)")
-    overrides = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
-    trained = train_npe(jax.random.PRNGKey(args.seed), result.theta, result.x,
-                        config=NPEConfig.for_estimator(args.estimator, **overrides),
-                        prior=sim.prior, progress=True)
-    s = trained.summary()
-    print(f"      {s['epochs']} epochs in {s['seconds']:.1f} s, best validation loss "
-          f"{s['best_val_loss']:.3f} at epoch {s['best_epoch']}")
-    trained.posterior.metadata.update(simulator=name, seed=args.seed)
-    trained.posterior.save(out / "model")
-
-    print("[3/3] posterior for sbibm observation 1, against the reference posterior")
-    task = import_module(f"simulators.benchmarks.{name}") if name in _BENCHMARKS else None
-    if task is None:
-        print(f"      ({name} has no reference posterior; skipping the comparison)")
+        results = run(args.experiment, args.out, overrides=args.set or (), preset=args.preset,
+                      device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+    if len(results) > 1:
+        root = results[0].out.parent
+        print(f"\nsweep of {len(results)} points in {root}/ (summary.md, report.md)")
+        metric, order, rows = leaderboard(root)
+        print(format_leaderboard(metric, order, rows))
     else:
-        x_o, theta_o = task.observation(1), task.true_parameters(1)
-        samples = trained.posterior.sample(jax.random.PRNGKey(args.seed + 1), args.c2st_samples,
-                                           x_o)
-        try:
-            reference = task.reference_posterior_samples(1)[: args.c2st_samples]
-        except SbiEngineError as err:
-            print(f"      no reference samples ({err})")
-            reference = None
-        plotting.pairplot(samples, truth=theta_o, reference=reference,
-                          labels=list(sim.parameter_names),
-                          title=f"{name}, observation 1: NPE ({args.estimator}, "
-                                f"{args.num:,} simulations)",
-                          path=out / "pairplot.png")
-        if reference is not None:
-            from sbi_engine.diagnostics import c2st_sbibm
+        r = results[0]
+        summ = r.metrics.get("summary", {})
+        for h in r.metrics.get("headline", []):
+            e = summ[h]
+            pm = f" ± {e['std']:.4g}" if e["n"] > 1 else ""
+            print(f"{h}: {e['mean']:.4g}{pm} (over {e['n']} seed{'s' if e['n'] > 1 else ''})")
+        print(f"run directory {r.out}/ (report.md, metrics.json, manifest.json)")
+    return 0
 
-            c2st = c2st_sbibm(reference, samples)
-            print(f"      C2ST vs the sbibm reference posterior: {c2st:.3f} "
-                  "(0.5 = indistinguishable; sbibm's published NPE at 10k for two_moons: 0.606)")
-    print(f"done in {time.perf_counter() - t0:.0f} s. Files: {out / (name + '.zarr')} "
-          f"(dataset), {out / 'model'} (posterior), {out / 'pairplot.png'} (pair plot)")
+
+def cmd_leaderboard(args) -> int:
+    """Rank the runs under a directory by one metric."""
+    from sbi_engine.experiment import format_leaderboard, leaderboard
+
+    metric, order, rows = leaderboard(args.dir, args.metric, order=args.order)
+    if args.top:
+        rows = rows[: args.top]
+    print(format_leaderboard(metric, order, rows))
     return 0
 
 
@@ -446,16 +495,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("demo", help="the quick-start job on embedded defaults")
+    p = sub.add_parser("demo", help="the quick-start job: NPE and a systematics study, a report")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--simulator", default="two_moons", choices=_BENCHMARKS)
-    p.add_argument("--num", type=int, default=10_000)
-    p.add_argument("--estimator", choices=["nsf", "maf", "nsf_ar"], default="maf")
+    p.add_argument("--num", type=int, default=10_000, help="training simulations")
+    p.add_argument("--estimator", choices=["nsf", "maf", "nsf_ar"], default="nsf")
     p.add_argument("--max-epochs", type=int, help="cap on training epochs")
     p.add_argument("--c2st-samples", type=int, default=10_000,
                    help="posterior and reference samples compared by C2ST")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "gpu", "auto"], default=None,
+                   help="where JAX runs (default: its default device)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny networks and budgets: checks the pipeline in seconds")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "run", help="run an experiment file (TOML) into a run directory, or a sweep",
+        epilog="Example: sbi-engine run experiments/sbibm_npe.toml --preset tiny "
+               "--set npe.estimator=nsf --set seeds=[0,1,2]. A list value sweeps; an "
+               "interrupted run resumes from its completed stages when rerun.")
+    p.add_argument("experiment", help="experiment file, e.g. experiments/sbibm_npe.toml")
+    p.add_argument("--out", help="run directory (default runs/NAME[-PRESET])")
+    p.add_argument("--device", choices=["cpu", "gpu", "auto"], default=None,
+                   help="where JAX runs (default: its default device)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key, e.g. npe.max_epochs=50 or seeds=[0,1,2] (repeatable)")
+    p.add_argument("--preset", help="apply the file's [presets.NAME] overrides first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run directory that holds a different config")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the resolved config(s); run nothing")
+    p.add_argument("--scheduler",
+                   help="run the points of a sweep as Dask tasks: 'local' (a LocalCluster) "
+                        "or an existing scheduler's address, tcp://host:port (the run "
+                        "directory must be on a filesystem the workers share)")
+    p.add_argument("--workers", type=int,
+                   help="LocalCluster workers with --scheduler local (default: one per core)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("leaderboard", help="rank the runs under a directory by a metric")
+    p.add_argument("dir", help="a sweep or any folder of run directories")
+    p.add_argument("--metric", help="metric name in metrics.json (default: the primary one)")
+    p.add_argument("--order", choices=["min", "max"], help="which is better (default: by "
+                   "metric: max for Z and AUC, min for losses and C2ST)")
+    p.add_argument("--top", type=int, help="show only the best N")
+    p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("systematics",
                        help="train x test matrix of significance over nuisance settings")
@@ -484,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("\ninterrupted: completed chunks are kept; rerun the same command to resume",
+        print("\ninterrupted: completed chunks and stages are kept; rerun the same command to "
+              "resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     except (SbiEngineError, FileNotFoundError, PermissionError, IsADirectoryError) as err:

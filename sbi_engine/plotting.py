@@ -19,6 +19,8 @@ file in the same directory, then ``os.replace``) via :func:`save_figure`.
   systematics matrix.
 - :func:`plot_significance` — significance (AMS, Asimov Z) against the selection
   threshold, best threshold marked; :func:`plot_training_curves` — loss per epoch.
+- :func:`plot_learning_curve` — a metric against the training budget on log-log axes
+  with a fitted power law and its extrapolation.
 """
 
 from __future__ import annotations
@@ -713,4 +715,88 @@ def plot_training_curves(
     ax.set_ylabel(ylabel)
     ax.legend(fontsize="small", frameon=False)
     ax.set_title(title or "Training")
+    return _finish(fig, path)
+
+
+def plot_learning_curve(
+    budgets: Any,
+    mean: Any,
+    std: Any = None,
+    *,
+    fit: Mapping[str, Any] | None = None,
+    extrapolate_to: float | None = None,
+    target: float | None = None,
+    metric: str = "metric",
+    title: str | None = None,
+    path: PathLike | None = None,
+) -> Figure:
+    """A metric against the training budget on log-log axes, with a power-law fit.
+
+    With a fit ``y = floor + sign · a · n^(-alpha)`` (as
+    :class:`sbi_engine.experiment.PowerLaw.to_dict`), the plotted quantity is the gap
+    ``|y - floor|`` (points with error bars, the fit over the budgets as a solid line,
+    its extrapolation to ``extrapolate_to`` dashed, ``target`` as a dotted line). Without
+    a fit, ``y`` itself (log y axis when all values are positive).
+
+    Args:
+        budgets: ``(B,)`` training budgets.
+        mean: ``(B,)`` metric means over seeds.
+        std: ``(B,)`` standard deviations over seeds (error bars), optional.
+        fit: ``{"a", "alpha", "floor", "sign"}`` of the power law, optional.
+        extrapolate_to: extend the fitted line to this budget.
+        target: a target value of the metric, drawn as its gap to the floor.
+        metric: the metric's name (axis label).
+        title: Figure title.
+        path: If given, the figure is also saved there.
+
+    Returns:
+        The figure.
+    """
+    n, y = _curve(budgets, mean, "learning curve")
+    s = np.zeros_like(y) if std is None else np.nan_to_num(
+        np.asarray(std, np.float64).reshape(-1))
+    fig = _figure(5.4, 3.8)
+    ax = fig.subplots()
+    ax.set_xscale("log")
+    if fit is not None:
+        floor, sign = float(fit["floor"]), float(fit["sign"])
+        a, alpha = float(fit["a"]), float(fit["alpha"])
+        gap = sign * (y - floor)
+        ok = np.isfinite(gap) & (gap > 0)
+        lo = np.minimum(s, np.where(ok, gap, 0.0) * 0.999)  # keep error bars above 0
+        ax.errorbar(n[ok], gap[ok], yerr=[lo[ok], s[ok]], fmt="o", color="C0", capsize=3,
+                    label=f"{metric} (mean ± std over seeds)")
+        grid = np.geomspace(n.min(), n.max(), 50)
+        ax.plot(grid, a * grid ** (-alpha), color="C1",
+                label=f"fit: {a:.3g} · n^(−{alpha:.3f})")
+        n_t = None  # the budget where the fit reaches the target
+        if target is not None and sign * (target - floor) > 0 and a > 0 and alpha > 0:
+            log_nt = -np.log(sign * (target - floor) / a) / alpha  # in logs: no overflow
+            if log_nt <= np.log(10 * max(extrapolate_to or 0, n.max())):
+                n_t = float(np.exp(log_nt))  # else far off the axes: no vertical line
+        top = max(extrapolate_to or 0, 1.2 * n_t if n_t else 0)
+        if top > n.max():
+            ext = np.geomspace(n.max(), top, 30)
+            ax.plot(ext, a * ext ** (-alpha), color="C1", linestyle="--", label="extrapolation")
+        if target is not None and sign * (target - floor) > 0:
+            gap_t = sign * (target - floor)
+            ax.axhline(gap_t, color="gray", linestyle=":", label=f"target {metric} = {target:g}")
+            if n_t:
+                ax.axvline(n_t, color="gray", linestyle=":")
+                ax.annotate(f"n ≈ {n_t:,.0f}", (n_t, gap_t), textcoords="offset points",
+                            xytext=(-4, -12), ha="right", fontsize="small", color="gray")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"|{metric} − {floor:.4g}|" if floor >= 0
+                      else f"|{metric} + {-floor:.4g}|")
+    else:
+        ok = np.isfinite(y)
+        ax.errorbar(n[ok], y[ok], yerr=s[ok], fmt="o-", color="C0", capsize=3,
+                    label=f"{metric} (mean ± std over seeds)")
+        if np.all(y[ok] > 0):
+            ax.set_yscale("log")
+        ax.set_ylabel(metric)
+    ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks would collide
+    ax.set_xlabel("training budget n")
+    ax.legend(fontsize="small", frameon=False)
+    ax.set_title(title or f"Learning curve: {metric}", fontsize="medium")
     return _finish(fig, path)

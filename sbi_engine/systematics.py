@@ -558,7 +558,10 @@ class SystematicsConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> SystematicsConfig:
-        import tomllib
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the tomli backport
+            import tomli as tomllib
 
         path = Path(path)
         if not path.is_file():
@@ -592,6 +595,11 @@ class SystematicsResult:
         summary: ``{"nominal"|"worst"|"prior_avg"|"profiled": (R,)}`` (NaN where skipped).
         config: the config as a dict.
         seconds: wall time.
+        params: ``R`` trained classifiers (:class:`~sbi_engine.classify.ClassifierParams`),
+            one per row, for :func:`~sbi_engine.classify.save_classifier`; not in
+            :meth:`to_dict`.
+        classifier_configs: ``R`` :class:`~sbi_engine.classify.ClassifierConfig` they
+            were trained with.
     """
 
     rows: tuple[str, ...]
@@ -605,6 +613,9 @@ class SystematicsResult:
     summary: dict[str, np.ndarray]
     config: dict[str, Any]
     seconds: float
+    params: tuple[Any, ...] = dataclasses.field(default=(), repr=False, compare=False)
+    classifier_configs: tuple[Any, ...] = dataclasses.field(default=(), repr=False,
+                                                            compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         def clean(a):
@@ -754,6 +765,7 @@ def run_study(config: SystematicsConfig, *, progress: bool = True) -> Systematic
 
     # -- training --------------------------------------------------------------------
     models: list[tuple[str, str, np.ndarray, Any, bool]] = []  # name, method, nu, params, param?
+    model_configs: list[Any] = []
     if n_bce:
         cfg = _method_config(config.classifier, "bce", config.sigma_b, varied)
         sets = _datasets(gen, k_train, train_design.nu, config.n_train)
@@ -764,6 +776,7 @@ def run_study(config: SystematicsConfig, *, progress: bool = True) -> Systematic
         for i, name in enumerate(train_design.names):
             models.append((f"bce@{name}", "bce", train_design.nu[i],
                            select(res.params, i), False))
+            model_configs.append(cfg)
         bar.update(1)
     held = _VariedPrior(gen, varied, steps, config.holdout_width)
     for j, method in enumerate(robust):
@@ -781,6 +794,7 @@ def run_study(config: SystematicsConfig, *, progress: bool = True) -> Systematic
                          generator=gen)
         models.append((method, method, nominal, select(res.params, 0),
                        method == "parameterised"))
+        model_configs.append(cfg)
         bar.update(1)
 
     # -- evaluation ------------------------------------------------------------------
@@ -831,7 +845,8 @@ def run_study(config: SystematicsConfig, *, progress: bool = True) -> Systematic
         train_nu=np.stack([np.asarray(m[2]) for m in models]),
         cols=test_design.names, test_nu=test_design.nu, nuisances=gen.nuisance_names,
         z=z_all[:, :n_cols], auc=auc_all[:, :n_cols], summary=summary,
-        config=config.to_dict(), seconds=time.perf_counter() - t0)
+        config=config.to_dict(), seconds=time.perf_counter() - t0,
+        params=tuple(m[3] for m in models), classifier_configs=tuple(model_configs))
 
 
 def _asimov(s: float, b: float) -> float:

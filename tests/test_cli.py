@@ -83,12 +83,17 @@ def test_debug_flag_shows_the_exception(tmp_path):
 
 
 def test_demo_runs_small(tmp_path, capsys):
-    code, out, err = run(capsys, "demo", "--out", str(tmp_path), "--num", "2000",
-                         "--max-epochs", "5", "--c2st-samples", "500")
+    code, out, err = run(capsys, "demo", "--out", str(tmp_path), "--tiny", "--num", "500",
+                         "--max-epochs", "3", "--c2st-samples", "200")
     assert code == 0, err
     assert "C2ST vs the sbibm reference posterior" in out
-    assert (tmp_path / "pairplot.png").stat().st_size > 1000
-    assert (tmp_path / "model" / "posterior.json").exists()
+    assert f"report: {tmp_path / 'report.md'}" in out
+    assert (tmp_path / "npe" / "plots" / "pairplot_seed0_obs1.png").stat().st_size > 1000
+    assert (tmp_path / "npe" / "models" / "seed0" / "posterior.json").exists()
+    assert (tmp_path / "systematics" / "plots" / "heatmap.png").stat().st_size > 1000
+    report = (tmp_path / "report.md").read_text()
+    assert "npe/plots/pairplot_seed0_obs1.png" in report
+    assert "systematics/plots/heatmap.png" in report
 
 
 def test_simulator_options_reach_the_factory_and_the_manifest(tmp_path, capsys):
