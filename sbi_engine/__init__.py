@@ -19,6 +19,13 @@ from sbi_engine.events import (
     make_dataset,
     register_generator,
 )
+from sbi_engine.experiment import (
+    ExperimentConfig,
+    ExperimentType,
+    register_experiment_type,
+    run_point,
+    run_sweep,
+)
 from sbi_engine.flows import CNNEmbedding, FlowConfig, MLPEmbedding
 from sbi_engine.npe import NPEConfig, TrainResult, train_npe, train_tsnpe
 from sbi_engine.posterior import Posterior, load_posterior
@@ -31,6 +38,12 @@ from sbi_engine.priors import (
     TruncatedGaussian,
     prior_from_dict,
     prior_from_parameters,
+)
+from sbi_engine.restriction import (
+    ClassifierConfig,
+    RestrictedPrior,
+    ValidityClassifier,
+    train_validity_classifier,
 )
 from sbi_engine.simulate import SimulationResult, simulate
 from sbi_engine.simulator import (
@@ -51,11 +64,14 @@ __all__ = [
     "BlackBoxSimulator",
     "BoxUniform",
     "CNNEmbedding",
+    "ClassifierConfig",
     "ConfigError",
     "Dataset",
     "DatasetError",
     "EventData",
     "EventGenerator",
+    "ExperimentConfig",
+    "ExperimentType",
     "FlowConfig",
     "Gaussian",
     "JaxSimulator",
@@ -67,6 +83,7 @@ __all__ = [
     "Prior",
     "Process",
     "ProductPrior",
+    "RestrictedPrior",
     "SbiEngineError",
     "ShapeError",
     "SimulationReport",
@@ -75,6 +92,7 @@ __all__ = [
     "TrainResult",
     "TruncatedGaussian",
     "UnknownSimulatorError",
+    "ValidityClassifier",
     "__version__",
     "get_generator",
     "get_simulator",
@@ -85,9 +103,13 @@ __all__ = [
     "make_dataset",
     "prior_from_dict",
     "prior_from_parameters",
+    "register_experiment_type",
     "register_generator",
     "register_simulator",
+    "run_point",
+    "run_sweep",
     "simulate",
     "train_npe",
     "train_tsnpe",
+    "train_validity_classifier",
 ]
