@@ -83,7 +83,7 @@ from flax import struct
 from sbi_engine.errors import ConfigError, SbiEngineError, ShapeError
 from sbi_engine.events import EventData, EventGenerator, make_dataset
 from sbi_engine.significance import asimov_z_sigma_b
-from sbi_engine.store import atomic_write_dir
+from sbi_engine.store import atomic_write_dir, jsonable
 
 __all__ = [
     "FORMAT_VERSION",
@@ -1161,18 +1161,6 @@ def _expected_arrays(hidden: tuple[int, ...], inputs: int, outputs: int,
     return shapes
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.ndarray, jax.Array)):
-        return np.asarray(obj).tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 def save_classifier(path: str | os.PathLike, params: ClassifierParams,
                     config: ClassifierConfig | None = None, *,
                     metadata: Mapping[str, Any] | None = None) -> Path:
@@ -1228,8 +1216,8 @@ def save_classifier(path: str | os.PathLike, params: ClassifierParams,
         "inputs": inputs,
         "outputs": outputs,
         "stack": list(stack),
-        "config": None if config is None else _jsonable(config.to_dict()),
-        "metadata": _jsonable(dict(metadata or {})),
+        "config": None if config is None else jsonable(config.to_dict()),
+        "metadata": jsonable(dict(metadata or {})),
         "weights": {"file": _WEIGHTS, "sha256": hashlib.sha256(weights).hexdigest()},
     }
     return atomic_write_dir(path, {
@@ -1252,23 +1240,12 @@ def load_classifier(path: str | os.PathLike) -> SavedClassifier:
             a format version this engine does not read, a weights file that is truncated
             or corrupted (checksum), or arrays that do not match the stored structure.
     """
+    from sbi_engine.posterior import read_model_header
+
     path = Path(path)
-    hfile, wfile = path / _HEADER, path / _WEIGHTS
-    if not path.is_dir() or not hfile.is_file() or not wfile.is_file():
-        raise ClassifierFileError(f"classifier {path}: expected a directory with {_HEADER} "
-                                  f"and {_WEIGHTS} (written by save_classifier)")
-    try:
-        header = json.loads(hfile.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ClassifierFileError(f"classifier {path}: {_HEADER} is not valid JSON "
-                                  f"({err})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ClassifierFileError(f"classifier {path}: {_HEADER} is not an {FORMAT} file")
-    found = header.get("format_version")
-    if found != FORMAT_VERSION:
-        raise ClassifierFileError(
-            f"classifier {path}: format_version {found!r} (written by engine "
-            f"{header.get('engine_version')!r}); this engine reads version {FORMAT_VERSION}")
+    wfile = path / _WEIGHTS
+    header = read_model_header(path, FORMAT, FORMAT_VERSION, _WEIGHTS, "save_classifier",
+                               header=_HEADER, what="classifier", error=ClassifierFileError)
     try:
         hidden = tuple(int(v) for v in header["hidden"])
         inputs, outputs = int(header["inputs"]), int(header["outputs"])

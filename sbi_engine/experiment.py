@@ -106,7 +106,7 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport
 
 from sbi_engine.errors import ConfigError, SbiEngineError
 from sbi_engine.flows import FlowConfig
-from sbi_engine.store import atomic_write_bytes
+from sbi_engine.store import atomic_write_bytes, jsonable
 from sbi_engine.systematics import SystematicsConfig
 
 __all__ = [
@@ -970,7 +970,8 @@ def _now() -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=1) + "\n").encode())
+    text = json.dumps(jsonable(obj, nan_to_none=True), indent=1) + "\n"
+    atomic_write_bytes(path, text.encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -978,20 +979,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 class RunLog:
@@ -1285,7 +1272,7 @@ def run_point(config: ExperimentConfig, out_dir: str | os.PathLike, *,
                     if on_stage:
                         on_stage(stage.name, "start")
                     start, s0 = _now(), time.perf_counter()
-                    result = _jsonable(stage.fn(ctx))
+                    result = jsonable(stage.fn(ctx), nan_to_none=True)
                     seconds = time.perf_counter() - s0
                     info = {"start": start, "end": _now(), "seconds": round(seconds, 3),
                             "attempt": len(manifest["attempts"]), "resumed": False}

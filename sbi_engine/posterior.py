@@ -33,7 +33,7 @@ from flax import serialization
 from sbi_engine.errors import SbiEngineError, ShapeError
 from sbi_engine.flows import ConditionalFlow, FlowConfig, Standardization, build_flow
 from sbi_engine.priors import Prior, prior_from_dict
-from sbi_engine.store import atomic_write_dir
+from sbi_engine.store import atomic_write_dir, jsonable
 
 __all__ = [
     "BasePosterior",
@@ -109,7 +109,11 @@ class BasePosterior(abc.ABC):
             ShapeError: wrong shape, or NaN/inf anywhere (naming ``field``).
         """
         try:
-            arr = np.asarray(x, dtype=np.float32)
+            raw = np.asarray(x)
+            if raw.dtype.kind in "cUSVMm":  # complex, text, records, dates: not numbers
+                raise TypeError(f"got dtype {raw.dtype}")
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+                arr = raw.astype(np.float32)
         except (TypeError, ValueError) as err:
             raise ShapeError(f"{field}: expected a numeric array ({err})") from None
         shape = self.x_shape
@@ -125,8 +129,9 @@ class BasePosterior(abc.ABC):
         bad = ~np.isfinite(arr)
         if bad.any():
             where = np.argwhere(bad)[0].tolist()
-            raise ShapeError(f"{field}: contains NaN or inf (first at index {where}); "
-                             "an observation must be finite")
+            raise ShapeError(f"{field}: contains NaN or inf (first at index {where}; values "
+                             "beyond float32 range count as inf); an observation must be "
+                             "finite")
         return arr, batched
 
     def _check_theta(self, theta: Any) -> np.ndarray:
@@ -376,29 +381,40 @@ class Posterior(BasePosterior):
                 f"x_shape={self.x_shape})")
 
 
-def read_model_header(path: Path, fmt: str, version: int, weights: str, writer: str) -> dict:
-    """Check a model directory's files, format and version; return ``posterior.json``.
+def read_model_header(path: Path, fmt: str, version: int, weights: str, writer: str, *,
+                      header: str = "posterior.json", what: str = "model",
+                      error: type[SbiEngineError] | None = None) -> dict:
+    """Check a model directory's files, format and version; return its JSON header.
+
+    Args:
+        path: the directory.
+        fmt, version: the ``format`` and ``format_version`` the header must have.
+        weights: the weights file that must exist beside it.
+        writer: what writes such directories (named in the error).
+        header: the header file's name.
+        what: the kind of model, for messages.
+        error: the exception class raised (default :class:`PosteriorFileError`).
 
     Raises:
-        PosteriorFileError: missing files, bad JSON, another format or version (named).
+        ``error``: missing files, bad JSON, another format or version (named).
     """
-    hfile = path / "posterior.json"
+    error = error or PosteriorFileError
+    hfile = path / header
     if not path.is_dir() or not hfile.is_file() or not (path / weights).is_file():
-        raise PosteriorFileError(f"model {path}: expected a directory with posterior.json "
-                                 f"and {weights} (written by {writer})")
+        raise error(f"{what} {path}: expected a directory with {header} "
+                    f"and {weights} (written by {writer})")
     try:
-        header = json.loads(hfile.read_text())
+        found_header = json.loads(hfile.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PosteriorFileError(f"model {path}: posterior.json is not valid JSON "
-                                 f"({err})") from None
-    if not isinstance(header, dict) or header.get("format") != fmt:
-        raise PosteriorFileError(f"model {path}: posterior.json is not an {fmt} model")
-    found = header.get("format_version")
+        raise error(f"{what} {path}: {header} is not valid JSON ({err})") from None
+    if not isinstance(found_header, dict) or found_header.get("format") != fmt:
+        raise error(f"{what} {path}: {header} is not an {fmt} file")
+    found = found_header.get("format_version")
     if found != version:
-        raise PosteriorFileError(
-            f"model {path}: format version {found!r} written by engine "
-            f"{header.get('engine_version')!r}; this engine reads version {version}")
-    return header
+        raise error(f"{what} {path}: format version {found!r} written by engine "
+                    f"{found_header.get('engine_version')!r}; this engine reads version "
+                    f"{version}")
+    return found_header
 
 
 def hpd_threshold(posterior: Posterior, key: jax.Array, x_o: Any, *, epsilon: float = 1e-4,
@@ -410,19 +426,6 @@ def hpd_threshold(posterior: Posterior, key: jax.Array, x_o: Any, *, epsilon: fl
     samples = posterior.sample(key, num_samples, x_o)
     lp = posterior.log_prob(samples, x_o)
     return float(np.quantile(lp[np.isfinite(lp)], epsilon))
-
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` with numpy arrays and scalars turned into lists and Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def load_posterior(path: str | os.PathLike):

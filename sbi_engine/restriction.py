@@ -75,7 +75,7 @@ from flax import serialization
 
 from sbi_engine.errors import ConfigError, SbiEngineError, ShapeError
 from sbi_engine.priors import Prior
-from sbi_engine.store import atomic_write_dir
+from sbi_engine.store import atomic_write_dir, jsonable
 
 __all__ = [
     "ClassifierConfig",
@@ -294,7 +294,7 @@ class ValidityClassifier:
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
             "threshold": self.threshold,
-            "metadata": _jsonable(self.metadata),
+            "metadata": jsonable(self.metadata),
         }
         state = serialization.to_state_dict(jax.tree.map(np.asarray, self.params))
         return atomic_write_dir(path, {
@@ -309,22 +309,13 @@ class ValidityClassifier:
         Raises:
             RestrictionError: missing files, corrupted content, another format or version.
         """
+        from sbi_engine.posterior import read_model_header
+
         path = Path(path)
-        hfile, pfile = path / "classifier.json", path / "params.msgpack"
-        if not hfile.is_file() or not pfile.is_file():
-            raise RestrictionError(f"classifier {path}: expected a directory with "
-                                   "classifier.json and params.msgpack (ValidityClassifier.save)")
-        try:
-            header = json.loads(hfile.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RestrictionError(f"classifier {path}: classifier.json is not valid JSON "
-                                   f"({err})") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise RestrictionError(f"classifier {path}: classifier.json is not a {FORMAT} file")
-        if header.get("format_version") != FORMAT_VERSION:
-            raise RestrictionError(f"classifier {path}: format version "
-                                   f"{header.get('format_version')!r}; this engine reads "
-                                   f"version {FORMAT_VERSION}")
+        header = read_model_header(path, FORMAT, FORMAT_VERSION, "params.msgpack",
+                                   "ValidityClassifier.save", header="classifier.json",
+                                   what="classifier", error=RestrictionError)
+        pfile = path / "params.msgpack"
         try:
             config = ClassifierConfig(**{**header["config"],
                                          "hidden": tuple(header["config"]["hidden"])})
@@ -355,18 +346,6 @@ class ValidityClassifier:
     def __repr__(self) -> str:
         return (f"ValidityClassifier(D={self.dim}, hidden={list(self.config.hidden)}, "
                 f"threshold={self.threshold})")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def _check_training_data(theta: Any, valid: Any) -> tuple[np.ndarray, np.ndarray]:

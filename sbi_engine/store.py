@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,23 @@ def atomic_write_dir(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def jsonable(obj: Any, *, nan_to_none: bool = False) -> Any:
+    """``obj`` as plain JSON data: numpy / JAX arrays and scalars become lists and Python numbers,
+    mappings get string keys, tuples become lists; with ``nan_to_none``, non-finite floats
+    become ``None`` (JSON has no NaN)."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, nan_to_none=nan_to_none) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v, nan_to_none=nan_to_none) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    elif isinstance(obj, np.ndarray) or (hasattr(obj, "__array__") and hasattr(obj, "shape")):
+        return jsonable(np.asarray(obj).tolist(), nan_to_none=nan_to_none)  # numpy, JAX arrays
+    if nan_to_none and isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _write_json(path: Path, obj: Any) -> None:

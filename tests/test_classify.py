@@ -487,7 +487,7 @@ def test_load_refuses_bad_files_with_clear_errors(tmp_path, tiny_params):
     _rewrite(path, weights=good)
     C.load_classifier(path)  # repaired
     _rewrite(path, header={"format_version": 99, "engine_version": "9.0"})
-    with pytest.raises(C.ClassifierFileError, match="format_version 99.*reads version 1"):
+    with pytest.raises(C.ClassifierFileError, match="format version 99.*reads version 1"):
         C.load_classifier(path)
     _rewrite(path, header={"format_version": 1, "hidden": [8, 5]})
     with pytest.raises(C.ClassifierFileError, match="Dense_1"):

@@ -100,7 +100,7 @@ from sbi_engine.restriction import (
     ValidityClassifier,
     train_validity_classifier,
 )
-from sbi_engine.store import atomic_write_bytes
+from sbi_engine.store import atomic_write_bytes, jsonable
 from simulators.pyloric.features import FEATURE_NAMES, feature_indices
 
 __all__ = [
@@ -419,21 +419,8 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(_plain(obj), indent=1) + "\n").encode())
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    text = json.dumps(jsonable(obj, nan_to_none=True), indent=1) + "\n"
+    atomic_write_bytes(path, text.encode())
 
 
 def _f(value: Any) -> float:
