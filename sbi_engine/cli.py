@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +38,25 @@ def _load_array(path: str, field: str) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise ShapeError(f"{field}: file {path} does not exist")
+    if p.suffix not in (".npy", ".csv", ".txt"):
+        raise ShapeError(f"{field}: expected a .npy or .csv file, got {p.name}")
     try:
-        if p.suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
-        elif p.suffix in (".csv", ".txt"):
-            arr = np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
-        else:
-            raise ShapeError(f"{field}: expected a .npy or .csv file, got {p.name}")
-    except ValueError as err:
-        raise ShapeError(f"{field}: cannot read {path} as a numeric array ({err})") from None
-    if arr.dtype.kind not in "biuf":
+        with warnings.catch_warnings():  # loadtxt warns on an empty file; we raise below
+            warnings.simplefilter("ignore")
+            if p.suffix == ".npy":
+                arr = np.load(p, allow_pickle=False)
+            else:
+                arr = np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
+    except (ValueError, EOFError, OSError) as err:  # EOFError: empty or truncated .npy
+        raise ShapeError(f"{field}: cannot read {path} as a numeric array "
+                         f"({type(err).__name__}: {err})") from None
+    if not isinstance(arr, np.ndarray):  # a .npz archive renamed .npy
+        arr.close()
+        raise ShapeError(f"{field}: {path} is an .npz archive, expected one array")
+    if arr.dtype.kind not in "iuf":
         raise ShapeError(f"{field}: {path} holds dtype {arr.dtype}, expected numbers")
+    if arr.size == 0:
+        raise ShapeError(f"{field}: {path} holds no numbers (shape {arr.shape})")
     return arr
 
 
@@ -166,7 +175,7 @@ def cmd_info(args) -> int:
         if args.verify:
             print("checksums     all chunks verified")
     else:
-        done = sum(ds._store.read_record(i) is not None for i in range(m["num_chunks"]))
+        done = ds._store.count_records()
         print(f"status        INCOMPLETE: {done} of {m['num_chunks']} chunks; rerun the "
               "simulate command to finish")
     return 0

@@ -18,6 +18,7 @@ refused with the reason.
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
 import os
 import warnings
@@ -331,9 +332,11 @@ class Posterior(BasePosterior):
             "metadata": jsonable(self.metadata),
         }
         state = serialization.to_state_dict(jax.tree.map(np.asarray, self.params))
+        blob = serialization.msgpack_serialize(state)
+        header["params_sha256"] = hashlib.sha256(blob).hexdigest()  # catches bit flips
         return atomic_write_dir(path, {
             "posterior.json": json.dumps(header, indent=1, sort_keys=True).encode(),
-            "params.msgpack": serialization.msgpack_serialize(state),
+            "params.msgpack": blob,
         })
 
     @classmethod
@@ -357,8 +360,13 @@ class Posterior(BasePosterior):
             raise PosteriorFileError(f"model {path}: posterior.json is inconsistent "
                                      f"({type(err).__name__}: {err}); written by engine "
                                      f"{header.get('engine_version')!r}") from None
+        blob = pfile.read_bytes()
+        digest = header.get("params_sha256")  # absent in files written before it was added
+        if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
+            raise PosteriorFileError(f"model {path}: params.msgpack does not match the "
+                                     "checksum in posterior.json (truncated or corrupted)")
         try:
-            state = serialization.msgpack_restore(pfile.read_bytes())
+            state = serialization.msgpack_restore(blob)
         except Exception as err:  # noqa: BLE001 - msgpack raises many types on garbage
             raise PosteriorFileError(f"model {path}: params.msgpack is corrupted "
                                      f"({type(err).__name__})") from None

@@ -234,10 +234,11 @@ class Simulator(abc.ABC):
 
 
 def _check_rows(arr, dim, field, specs, prior) -> np.ndarray:
-    try:
-        arr = np.asarray(arr, dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        raise ShapeError(f"{field}: expected a numeric array, got {type(arr).__name__}") from err
+    raw = np.asarray(arr) if not isinstance(arr, np.ndarray) else arr
+    if raw.dtype.kind not in "iuf":  # complex would lose its imaginary part; text, bool, ...
+        raise ShapeError(f"{field}: expected a numeric array (int or float), got dtype {raw.dtype}")
+    with np.errstate(over="ignore"):  # too large for float32 -> inf, reported below
+        arr = raw.astype(np.float32)
     if arr.ndim == 1 and arr.shape[0] == dim:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != dim:

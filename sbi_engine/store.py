@@ -292,6 +292,12 @@ class DatasetStore:
         except DatasetError:
             return None
 
+    def count_records(self) -> int:
+        """Completed chunks, counted from the record files (not by a loop over a count
+        that a damaged manifest could make huge)."""
+        return sum(1 for p in (self.path / "chunks").glob("*.json")
+                   if p.stem.isdigit() and int(p.stem) < self.num_chunks)
+
     def write_chunk(self, index: int, arrays: dict[str, np.ndarray | None],
                     extra: dict[str, Any] | None = None) -> dict:
         """Write rows of chunk ``index``, then its completion record. Returns the record."""
@@ -377,6 +383,9 @@ class DatasetStore:
     def _expected_checksum(self, index: int) -> str | None:
         sums = self.manifest.get("chunk_sha256")
         if sums is not None:
+            if not isinstance(sums, list) or not all(isinstance(v, str) for v in sums):
+                raise DatasetError(f"dataset {self.path}: manifest field 'chunk_sha256' must "
+                                   f"be a list of checksums, got {_short(sums)}")
             return sums[index] if index < len(sums) else None
         rec = self.read_record(index)
         return rec["sha256"] if rec else None
@@ -427,6 +436,9 @@ def _check_format(manifest: dict, path: Path) -> None:
         if not isinstance(manifest.get(field), int) or manifest[field] <= 0:
             raise DatasetError(f"{path}: manifest field {field!r} must be a positive integer, "
                                f"got {manifest.get(field)!r}")
+    if manifest["num_chunks"] != -(-manifest["num"] // manifest["chunk_size"]):
+        raise DatasetError(f"{path}: manifest num_chunks {manifest['num_chunks']} does not "
+                           f"match num {manifest['num']} in chunks of {manifest['chunk_size']}")
 
 
 def _short(value: Any) -> str:
@@ -447,8 +459,7 @@ class Dataset:
         self.path = self._store.path
         self.manifest = self._store.manifest
         if not self.manifest.get("complete") and not allow_incomplete:
-            done = sum(self._store.read_record(i) is not None
-                       for i in range(self._store.num_chunks))
+            done = self._store.count_records()
             raise DatasetError(
                 f"dataset {self.path} is incomplete ({done} of {self._store.num_chunks} chunks); "
                 "rerun the same simulate command to finish it")
