@@ -312,7 +312,13 @@ def _job(token: str, job_bytes: bytes) -> _ChunkJob:
         job = _JOBS.get(token)
         if job is None:
             # Transport only: bytes the client cloudpickled from its own simulator object
-            # for this run, never a file or user data.
+            # for this run, never a file or user data. Unpickled here, inside the task,
+            # rather than by Dask before the task: a simulator that cannot be loaded on a
+            # worker then fails this task (retried, then named) instead of wedging the
+            # worker. The token is the bytes' digest, checked before loading.
+            if hashlib.sha256(job_bytes).hexdigest()[:16] != token:
+                raise DatasetError("distributed job: the simulator bytes do not match "
+                                   "their digest (corrupted in transport)")
             job = pickle.loads(job_bytes)
             _JOBS[token] = job
             while len(_JOBS) > _JOBS_KEPT:
