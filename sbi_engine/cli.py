@@ -133,8 +133,8 @@ def cmd_simulate(args) -> int:
     if theta is None and args.num is None:
         raise ShapeError("--num: required unless --theta gives the parameters")
     result = simulate(sim, args.num, args.seed, out=args.out, chunk_size=args.chunk_size,
-                      theta=theta, workers=args.workers, progress=not args.quiet,
-                      scheduler=args.scheduler)
+                      theta=theta, workers=args.workers, timeout=args.timeout,
+                      progress=not args.quiet, scheduler=args.scheduler)
     rep = result.report
     if result.simulated:
         print(f"{args.out}: {rep.summary()}; simulated {result.simulated} now in "
@@ -461,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int,
                    help="processes for black-box simulators (default 1), or the number of "
                         "LocalCluster workers with --scheduler local (default: one per core)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="black-box simulators: seconds allowed per simulation; rows run in "
+                        "supervised worker processes, a hung simulation is killed and a "
+                        "crashed worker replaced, and their rows are counted invalid")
     p.add_argument("--scheduler",
                    help="run chunks as Dask tasks: 'local' (an embedded LocalCluster) or "
                         "an existing scheduler's address, tcp://host:port; the dataset "

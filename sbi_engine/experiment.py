@@ -337,6 +337,9 @@ class DataSection:
             SBC and coverage; 0 skips them.
         test_seed: seed of the held-out set.
         chunk_size: rows per dataset chunk (default: the simulate default).
+        workers: processes for a black-box simulator (default 1).
+        timeout: black-box simulators: seconds allowed per simulation (see
+            :func:`~sbi_engine.simulate.simulate`); None for no limit.
     """
 
     simulator: str
@@ -345,6 +348,8 @@ class DataSection:
     num_test: int = 1000
     test_seed: int = 1_000_000
     chunk_size: int | None = None
+    workers: int = 1
+    timeout: float | None = None
 
     def __post_init__(self):
         from sbi_engine.simulator import list_simulators
@@ -358,6 +363,10 @@ class DataSection:
         _pos_int("test_seed", self.test_seed, 0)
         if self.chunk_size is not None:
             _pos_int("chunk_size", self.chunk_size)
+        _pos_int("workers", self.workers)
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ConfigError(f"timeout: expected a positive number of seconds, got "
+                              f"{self.timeout!r}")
         object.__setattr__(self, "options", dict(self.options))
 
 
@@ -1525,8 +1534,12 @@ def _stage_simulate(ctx: RunContext, *, seed: int, num: int, name: str) -> dict[
     from sbi_engine.simulate import simulate
 
     data = ctx.config.section("data")
-    result = simulate(_simulator(ctx.config), num, seed, out=ctx.path("data", f"{name}.zarr"),
-                      chunk_size=data.chunk_size, progress=ctx.progress)
+    sim = _simulator(ctx.config)
+    blackbox = sim.kind == "blackbox"
+    result = simulate(sim, num, seed, out=ctx.path("data", f"{name}.zarr"),
+                      chunk_size=data.chunk_size, progress=ctx.progress,
+                      workers=data.workers if blackbox else None,
+                      timeout=data.timeout if blackbox else None)
     ctx.log(f"      {result.report.summary()}")
     rep = result.report
     return {"num": num, "seed": seed, "valid": int(rep.total - rep.invalid),

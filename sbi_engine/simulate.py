@@ -15,15 +15,14 @@ and ``scheduler=`` runs each chunk as a Dask task that writes its own zarr chunk
 :mod:`sbi_engine.distributed`); both give the bytes of a single-process run.
 
 Failures: a row whose ``x`` is not all finite (a JAX simulator returning NaN, a
-black-box simulator raising or returning garbage) is stored as NaN with
-``valid = False``; invalid rows are counted per chunk and in the manifest, never raised.
+black-box simulator raising, returning garbage, hanging past ``timeout`` or crashing its
+worker process, see :mod:`sbi_engine.workers`) is stored as NaN with ``valid = False``;
+invalid rows are counted per chunk and per reason in the manifest, never raised.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
-import multiprocessing
 import os
 import time
 import warnings
@@ -48,6 +47,7 @@ from sbi_engine.simulator import (
     row_keys,
 )
 from sbi_engine.store import Dataset, DatasetStore, load_dataset
+from sbi_engine.workers import WorkerPool
 
 __all__ = ["SimulationResult", "simulate"]
 
@@ -167,7 +167,7 @@ class _ChunkMaker:
             part = np.concatenate([part, np.repeat(part[-1:], self.chunk - rows, axis=0)])
         return jnp.asarray(part)
 
-    def make(self, start: int, rows: int, pool: cf.Executor | None
+    def make(self, start: int, rows: int, pool: WorkerPool | None
              ) -> tuple[dict[str, np.ndarray | None], SimulationReport]:
         theta_in = self._rows(self.theta, start, rows)
         nu_in = self._rows(self.nu_array, start, rows) if self.nu_mode == "explicit" else None
@@ -200,6 +200,7 @@ def simulate(
     proposal: Prior | None = None,
     nu: str | Any = "prior",
     workers: int | None = None,
+    timeout: float | None = None,
     progress: bool = True,
     devices: int | str | None = None,
     scheduler: Any = None,
@@ -222,6 +223,11 @@ def simulate(
         workers: processes for black-box simulators (default 1; ignored, with a warning,
             for JAX simulators, which use the device's own parallelism). With
             ``scheduler="local"``: the number of Dask workers (default: one per core).
+        timeout: black-box simulators: seconds allowed per simulation. Rows then run in
+            supervised worker processes (also with ``workers > 1``): a simulation past
+            its timeout is killed and a worker that crashes (a segfault) is replaced;
+            those rows are stored invalid with the reason, and the run goes on. Not
+            available with a ``scheduler`` (Dask retries a chunk whose worker died).
         progress: show a progress bar (rate and ETA) once a run takes over 2 s.
         devices: shard each chunk's rows over local JAX devices: ``"all"``, a count, or
             None (the default device only). JAX simulators; the rows are the same bytes.
@@ -284,6 +290,17 @@ def simulate(
     if workers is not None and (isinstance(workers, bool)
                                 or not isinstance(workers, (int, np.integer)) or workers < 1):
         raise ConfigError(f"workers: expected an integer >= 1, got {workers!r}")
+    if timeout is not None:
+        if scheduler is not None:
+            raise ConfigError("timeout: not available with a scheduler; Dask retries a chunk "
+                              "whose worker died, but cannot time out one simulation")
+        if not isinstance(sim, BlackBoxSimulator):
+            raise ConfigError(f"timeout: {sim.name!r} is a JAX simulator; a timeout applies "
+                              "to black-box simulators")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.number)) \
+                or not np.isfinite(timeout) or timeout <= 0:
+            raise ConfigError(f"timeout: expected a positive number of seconds, got {timeout!r}")
+        timeout = float(timeout)
     if scheduler is not None and out is None:
         raise ConfigError("out: a run with a scheduler writes a dataset; give out=PATH")
     sharding = None
@@ -320,8 +337,9 @@ def simulate(
     report = SimulationReport()
     parts: dict[int, dict] = {}
     pool = None
-    if scheduler is None and isinstance(sim, BlackBoxSimulator) and (workers or 1) > 1 and todo:
-        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    if (scheduler is None and isinstance(sim, BlackBoxSimulator) and todo
+            and ((workers or 1) > 1 or timeout is not None)):
+        pool = sim.worker_pool(workers or 1, timeout)
     done_rows = num - sum(min(chunk, num - i * chunk) for i in todo)
     bar = tqdm(total=num, initial=done_rows, unit="sim", unit_scale=True, delay=2.0,
                disable=not progress, desc=f"simulate {sim.name}", dynamic_ncols=True)
@@ -357,7 +375,7 @@ def simulate(
     finally:
         bar.close()
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.close()
     seconds = time.perf_counter() - t0
 
     if store is not None:

@@ -24,10 +24,7 @@ zero-argument callable returning a :class:`Simulator` (a ready instance works to
 from __future__ import annotations
 
 import abc
-import concurrent.futures as cf
 import dataclasses
-import itertools
-import multiprocessing
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -39,6 +36,7 @@ import numpy as np
 from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.priors import Prior, prior_from_parameters
 from sbi_engine.registry import NAME_RE, Registry
+from sbi_engine.workers import WorkerPool, run_rows
 
 __all__ = [
     "BlackBoxSimulator",
@@ -106,11 +104,14 @@ class SimulationReport:
         self.invalid += other.invalid
         self.errors.update(other.errors)
 
-    def summary(self) -> str:
+    def summary(self, most: int = 8) -> str:
+        """One line: counts, and the ``most`` commonest failure reasons."""
         frac = self.invalid / self.total if self.total else 0.0
         text = f"{self.total} simulations, {self.invalid} invalid ({100 * frac:.2f}%)"
         if self.errors:
-            text += "; " + ", ".join(f"{k}: {v}" for k, v in self.errors.most_common(5))
+            text += "; " + ", ".join(f"{k}: {v}" for k, v in self.errors.most_common(most))
+            if len(self.errors) > most:
+                text += f" and {len(self.errors) - most} more reasons"
         return text
 
 
@@ -298,49 +299,6 @@ class JaxSimulator(Simulator):
         return self.simulate_rows(row_keys(key, 0, theta.shape[0]), theta, nu)
 
 
-def _row_rng(key_data: np.ndarray) -> np.random.Generator:
-    return np.random.default_rng(np.asarray(key_data, dtype=np.uint32).tolist())
-
-
-def run_blackbox_rows(sim: BlackBoxSimulator, keys: np.ndarray, theta: np.ndarray,
-                      nu: np.ndarray | None) -> tuple[np.ndarray, list[str | None]]:
-    """Run rows of a black-box simulator, capturing failures.
-
-    Returns ``x (n, X)`` float32 (NaN rows for failures) and, per row, ``None`` or
-    a short reason (exception type, wrong shape, non-finite output).
-    """
-    n = theta.shape[0]
-    out = np.full((n, sim.dim_x), np.nan, dtype=np.float32)
-    reasons: list[str | None] = [None] * n
-    if sim.batched:
-        try:
-            x = np.asarray(sim.fn(theta, nu, _row_rng(keys[0])), dtype=np.float32)
-            if x.shape != out.shape:
-                return out, [f"wrong shape {x.shape}, expected {out.shape}"] * n
-            out[:] = x
-        except Exception as err:  # noqa: BLE001 - a failing simulator must not kill the batch
-            return out, [type(err).__name__] * n
-    else:
-        for i in range(n):
-            try:
-                x = np.asarray(
-                    sim.fn(theta[i], None if nu is None else nu[i], _row_rng(keys[i])),
-                    dtype=np.float32,
-                )
-            except Exception as err:  # noqa: BLE001
-                reasons[i] = type(err).__name__
-                continue
-            if x.shape != (sim.dim_x,):
-                reasons[i] = f"wrong shape {x.shape}, expected ({sim.dim_x},)"
-                continue
-            out[i] = x
-    for i in range(n):
-        if reasons[i] is None and not np.all(np.isfinite(out[i])):
-            reasons[i] = "non-finite output"
-            out[i] = np.nan
-    return out, reasons
-
-
 class BlackBoxSimulator(Simulator):
     """A simulator defined by a plain Python/numpy callable.
 
@@ -351,7 +309,7 @@ class BlackBoxSimulator(Simulator):
         fn: ``fn(theta (D,), nu (K,) | None, rng) -> x (X,)``, or with ``batched=True``
             ``fn(theta (n, D), nu (n, K) | None, rng) -> x (n, X)``. ``rng`` is a
             ``numpy.random.Generator`` seeded from the row's key. Must be picklable
-            (a module-level function) to run with ``workers > 1``.
+            (a module-level function) to run with ``workers > 1`` or a ``timeout``.
         batched: whether ``fn`` takes whole batches.
         prior, nuisances, nuisance_prior, version, description: see :class:`Simulator`.
     """
@@ -368,49 +326,41 @@ class BlackBoxSimulator(Simulator):
         self.batched = bool(batched)
 
     def simulate_rows(self, keys, theta, nu=None, *, workers: int = 1,
-                      pool: cf.Executor | None = None
+                      timeout: float | None = None, pool: WorkerPool | None = None
                       ) -> tuple[np.ndarray, SimulationReport]:
         """Run rows, capturing failures. ``keys (n, 2)``, ``theta (n, D)`` → ``x (n, X)``, report.
 
-        With ``workers > 1`` (or a given ``pool``) rows are split into ``workers``
-        contiguous slices run in separate processes.
+        With ``workers > 1``, a ``timeout`` (seconds per simulation) or a given ``pool``,
+        rows run in supervised worker processes (:mod:`sbi_engine.workers`): a hung
+        simulation is killed and a crashed worker replaced, and only their rows are lost.
+        Otherwise rows run in this process.
         """
         keys, theta = np.asarray(keys), np.asarray(theta, dtype=np.float32)
         n = theta.shape[0]
-        if pool is None and workers <= 1:
-            x, reasons = run_blackbox_rows(self, keys, theta, nu)
+        if pool is not None:
+            x, reasons = pool.run(keys, theta, nu)
+        elif workers > 1 or timeout is not None:
+            with self.worker_pool(workers, timeout) as own:
+                x, reasons = own.run(keys, theta, nu)
         else:
-            parts = max(1, workers if pool is None else getattr(pool, "_max_workers", workers))
-            bounds = np.linspace(0, n, min(parts, max(n, 1)) + 1).astype(int)
-            own = pool is None
-            pool = pool or cf.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"))
-            try:
-                futures = [
-                    pool.submit(run_blackbox_rows, self, keys[a:b], theta[a:b],
-                                None if nu is None else nu[a:b])
-                    for a, b in itertools.pairwise(bounds)
-                ]
-                x = np.full((n, self.dim_x), np.nan, dtype=np.float32)
-                reasons = [None] * n
-                for (a, b), fut in zip(itertools.pairwise(bounds), futures):
-                    try:
-                        xs, rs = fut.result()
-                    except Exception as err:  # noqa: BLE001 - e.g. a worker that crashed
-                        xs, rs = x[a:b], [f"worker failed: {type(err).__name__}"] * (b - a)
-                    x[a:b], reasons[a:b] = xs, rs
-            finally:
-                if own:
-                    pool.shutdown(wait=True, cancel_futures=True)
+            x, reasons = run_rows(self.fn, self.batched, self.dim_x, keys, theta, nu)
         report = SimulationReport(total=n, invalid=sum(r is not None for r in reasons),
                                   errors=Counter(r for r in reasons if r is not None))
         return x, report
 
-    def simulate(self, key, theta, nu=None, *, workers: int = 1):
+    def worker_pool(self, workers: int = 1, timeout: float | None = None) -> WorkerPool:
+        """A :class:`~sbi_engine.workers.WorkerPool` for this simulator (reuse it across calls)."""
+        try:
+            return WorkerPool(self.fn, batched=self.batched, dim_x=self.dim_x,
+                              workers=workers, timeout=timeout)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def simulate(self, key, theta, nu=None, *, workers: int = 1, timeout: float | None = None):
         theta = self.check_theta(theta)
         nu = self.check_nu(nu, theta.shape[0])
         keys = np.asarray(row_keys(key, 0, theta.shape[0]))
-        return self.simulate_rows(keys, theta, nu, workers=workers)[0]
+        return self.simulate_rows(keys, theta, nu, workers=workers, timeout=timeout)[0]
 
 
 # ------------------------------------------------------------------------------------
