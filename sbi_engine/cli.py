@@ -587,10 +587,13 @@ def main(argv: list[str] | None = None) -> int:
               "resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (SbiEngineError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+    except (SbiEngineError, OSError) as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, OSError) and err.filename and err.strerror:
+            print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        else:
+            print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
 
 

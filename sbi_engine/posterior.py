@@ -350,16 +350,6 @@ class Posterior(BasePosterior):
         header = read_model_header(path, FORMAT, FORMAT_VERSION, "params.msgpack",
                                    "Posterior.save / `sbi-engine train`")
         pfile = path / "params.msgpack"
-        try:
-            config = FlowConfig.from_dict(header["flow"])
-            std = Standardization.from_dict(header["standardization"])
-            prior = None if header.get("prior") is None else prior_from_dict(header["prior"])
-            flow = build_flow(config, theta_dim=int(header["theta_dim"]),
-                              x_shape=tuple(header["x_shape"]), standardization=std)
-        except (KeyError, TypeError, ValueError) as err:
-            raise PosteriorFileError(f"model {path}: posterior.json is inconsistent "
-                                     f"({type(err).__name__}: {err}); written by engine "
-                                     f"{header.get('engine_version')!r}") from None
         blob = pfile.read_bytes()
         digest = header.get("params_sha256")  # absent in files written before it was added
         if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
@@ -370,7 +360,20 @@ class Posterior(BasePosterior):
         except Exception as err:  # noqa: BLE001 - msgpack raises many types on garbage
             raise PosteriorFileError(f"model {path}: params.msgpack is corrupted "
                                      f"({type(err).__name__})") from None
-        template = flow.init(jax.random.PRNGKey(0))
+        try:
+            config = FlowConfig.from_dict(header["flow"])
+            theta_dim = int(header["theta_dim"])
+            _check_sizes(config, theta_dim, state)
+            std = Standardization.from_dict(header["standardization"])
+            prior = None if header.get("prior") is None else prior_from_dict(header["prior"])
+            flow = build_flow(config, theta_dim=theta_dim,
+                              x_shape=tuple(header["x_shape"]), standardization=std)
+        except (KeyError, TypeError, ValueError) as err:
+            raise PosteriorFileError(f"model {path}: posterior.json is inconsistent "
+                                     f"({type(err).__name__}: {err}); written by engine "
+                                     f"{header.get('engine_version')!r}") from None
+        # shapes only: a header that asks for a huge network allocates nothing
+        template = jax.eval_shape(flow.init, jax.random.PRNGKey(0))
         try:
             params = serialization.from_state_dict(template, state)
             shapes_ok = jax.tree.all(jax.tree.map(
@@ -387,6 +390,24 @@ class Posterior(BasePosterior):
     def __repr__(self) -> str:
         return (f"Posterior({self.flow.config.kind}, D={self.theta_dim}, "
                 f"x_shape={self.x_shape})")
+
+
+def _check_sizes(config: FlowConfig, theta_dim: int, state: Any) -> None:
+    """Refuse a header whose network could not have produced these weights.
+
+    Every width the config names (``hidden``, θ's dimension) is a dimension of some
+    weight array, and every transform owns at least one array. Checking this first
+    means a lying header cannot make the loader build huge masks or permutations.
+    """
+    shapes = [np.shape(a) for a in jax.tree.leaves(state)]
+    largest = max((max(s) for s in shapes if s), default=0)
+    for name, value in (("flow.hidden", config.hidden), ("theta_dim", theta_dim)):
+        if value > largest:
+            raise ValueError(f"{name} = {value}, but no weight array has a dimension that "
+                             f"large (largest: {largest})")
+    if config.transforms > len(shapes):
+        raise ValueError(f"flow.transforms = {config.transforms}, but the weights hold only "
+                         f"{len(shapes)} arrays")
 
 
 def read_model_header(path: Path, fmt: str, version: int, weights: str, writer: str, *,

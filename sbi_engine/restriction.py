@@ -329,7 +329,9 @@ class ValidityClassifier:
         except Exception as err:  # noqa: BLE001 - msgpack raises many types on garbage
             raise RestrictionError(f"classifier {path}: params.msgpack is corrupted "
                                    f"({type(err).__name__})") from None
-        template = _MLP(config.hidden).init(jax.random.PRNGKey(0), jnp.zeros(mean.shape[0]))
+        # shapes only: a header that asks for a huge network allocates nothing
+        template = jax.eval_shape(_MLP(config.hidden).init, jax.random.PRNGKey(0),
+                                  jax.ShapeDtypeStruct(mean.shape[:1], jnp.float32))
         try:
             params = serialization.from_state_dict(template, state)
             ok = jax.tree.all(jax.tree.map(lambda a, b: np.shape(a) == np.shape(b),

@@ -570,6 +570,8 @@ class SystematicsConfig:
             spec = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config: {path} is not valid TOML ({err})") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config: {path} is not UTF-8 text ({err})") from None
         return cls.from_dict(spec)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import time
 import re
 import shutil
 import tempfile
@@ -242,6 +243,24 @@ def test_lying_posterior_header(model, tmp_path, field, data):
         assert str(err)
         return
     assert _params_equal(post.params, params), (field, value)
+
+
+@pytest.mark.parametrize("field,value", [("hidden", 2**30), ("transforms", 10**6),
+                                         ("x_shape", [2**31])])
+def test_a_header_asking_for_a_huge_network_allocates_nothing(model, tmp_path, field, value):
+    # Checked against shapes only (jax.eval_shape): a 2**30-wide layer would need 4 GiB+.
+    src, _ = model
+    path, _ = _damage(src, tmp_path, [])
+    h = json.loads((path / "posterior.json").read_text())
+    if field == "x_shape":
+        h["x_shape"] = value
+    else:
+        h["flow"][field] = value
+    (path / "posterior.json").write_text(json.dumps(h))
+    t0 = time.perf_counter()
+    with pytest.raises(PosteriorFileError, match="do not match|inconsistent"):
+        load_posterior(path)
+    assert time.perf_counter() - t0 < 30
 
 
 def test_pickled_weights_are_never_unpickled(model, tmp_path, capsys):

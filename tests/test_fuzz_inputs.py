@@ -275,12 +275,25 @@ def test_complex_theta_is_refused():
 
 
 @fuzz(30)
-@given(shape=st.sampled_from([(30,), (2, 30), (32,), (2, 31, 1), (), (0, 30), (1, 32)]))
+@given(shape=st.sampled_from([(30,), (2, 30), (32,), (2, 31, 1), (), (0, 30), (1, 32),
+                              (0, 31)]))
 def test_pyloric_simulate_features_rejects_wrong_shapes(shape):
     from simulators.pyloric.simulator import simulate_features
 
-    with pytest.raises(ValueError, match="theta"):
+    with pytest.raises(ShapeError, match="theta"):
         simulate_features(jax.random.PRNGKey(0), np.zeros(shape))
+
+
+@fuzz(20)
+@given(row=st.integers(0, 1), col=st.integers(0, 30),
+       value=st.sampled_from([np.nan, np.inf, -np.inf, "a", 1 + 2j, None]))
+def test_pyloric_simulate_features_rejects_bad_values(row, col, value):
+    from simulators.pyloric.simulator import simulate_features
+
+    theta = np.ones((2, 31), dtype=object if isinstance(value, str | complex | None) else float)
+    theta[row, col] = value
+    with pytest.raises(ShapeError, match="theta"):
+        simulate_features(jax.random.PRNGKey(0), theta)
 
 
 @fuzz(30)

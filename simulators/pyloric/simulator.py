@@ -269,15 +269,25 @@ def simulate_features(key: jax.Array, theta, *, noise_std: float = 0.001,
         batch_size: rows per compiled call (``None``: all at once).
         unroll: scan unroll factor.
     """
+    from sbi_engine.errors import ConfigError, ShapeError
     from sbi_engine.simulator import row_keys
 
     dtype = _check_dtype(dtype)
     feature_indices(features)
-    theta = np.asarray(theta, dtype=np.float64)
+    arr = np.asarray(theta)
+    if arr.dtype.kind not in "iuf":
+        raise ShapeError(f"theta: expected real numbers, got dtype {arr.dtype}")
+    theta = arr.astype(np.float64)
     if theta.ndim == 1:
         theta = theta[None]
-    if theta.ndim != 2 or theta.shape[1] != 31:
-        raise ValueError(f"theta: expected shape (n, 31), got {theta.shape}")
+    if theta.ndim != 2 or theta.shape[1] != 31 or theta.shape[0] == 0:
+        raise ShapeError(f"theta: expected shape (n, 31) with n >= 1, got {arr.shape}")
+    bad = np.argwhere(~np.isfinite(theta))
+    if bad.size:
+        raise ShapeError(f"theta: row {bad[0][0]}, column {bad[0][1]} is "
+                         f"{theta[tuple(bad[0])]}; expected finite values")
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+        raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
     n = theta.shape[0]
     temp = np.broadcast_to(np.asarray(model.T_REF if temperature is None else temperature,
                                       np.float64), (n,))
