@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -94,9 +95,23 @@ _READY = "ready"
 STARTUP_SECONDS = 120.0
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the supervisor dies (even by ``kill -9``), so a
+    simulation hung in C code is not left running. Elsewhere a worker ends at its next
+    read from the closed pipe."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _serve(conn, fn: SimulatorFn, batched: bool, dim_x: int) -> None:
     """A worker's loop: ``(keys, theta, nu)`` in, ``(x, reasons)`` out, until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    _die_with_parent()
     conn.send(_READY)  # fn is unpickled: the timeouts count from here
     while True:
         try:

@@ -6,8 +6,13 @@ the ones an in-process run gives (see :mod:`sbi_engine.workers`).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +26,7 @@ from sbi_engine.workers import WorkerPool, run_rows
 from tests import toy_blackbox as hostile
 from tests import toy_simulators as toys
 
+ROOT = Path(__file__).resolve().parents[1]
 PARAMS = (Parameter("a", -1.0, 1.0), Parameter("b", -1.0, 1.0))
 TIMEOUT = 0.5
 
@@ -155,3 +161,39 @@ def test_a_simulator_that_cannot_reach_the_workers_is_one_clear_error():
                             lambda theta, nu, rng: theta)  # not importable by name
     with pytest.raises(ConfigError, match="failed to start.*module-level"):
         simulate(sim, num=4, timeout=1.0, progress=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return not any(ln.startswith("State:") and "Z" in ln.split()[1] for ln in fh)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_hung_worker_dies_with_a_killed_supervisor(tmp_path):
+    pidfile = tmp_path / "worker.pid"
+    script = (
+        "import numpy as np\n"
+        "from sbi_engine.workers import WorkerPool\n"
+        "from tests.toy_blackbox import hang_reporting_pid\n"
+        "with WorkerPool(hang_reporting_pid, batched=False, dim_x=2, timeout=3600) as pool:\n"
+        "    pool.run(np.zeros((1, 2), np.uint32), np.zeros((1, 2), np.float32), None)\n")
+    env = {**os.environ, "SBI_ENGINE_TEST_PIDFILE": str(pidfile), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert proc.poll() is None, "the supervisor ended early"
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.05)
+        worker = int(pidfile.read_text())
+        assert _alive(worker)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker), "the hung simulation outlived its killed supervisor"

@@ -58,3 +58,10 @@ def expected_reason(theta_row) -> str | None:
     if a < WRONG_SHAPE:
         return "wrong shape (3,), expected (2,)"
     return "non-finite output" if b > 0.9 else None
+
+
+def hang_reporting_pid(theta, nu, rng):
+    """Writes its process id to ``$SBI_ENGINE_TEST_PIDFILE``, then hangs."""
+    with open(os.environ["SBI_ENGINE_TEST_PIDFILE"], "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(3600)
