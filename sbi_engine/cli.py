@@ -420,7 +420,7 @@ def cmd_systematics(args) -> int:
     if args.no_profile:
         config = dataclasses.replace(config, profile=False)
     out = Path(args.out)
-    result = run_study(config, progress=not args.quiet)
+    result = run_study(config, progress=not args.quiet, checkpoint=out / "checkpoints")
     result.to_json(out / "matrix.json")
     result.plot(out / "heatmap.png")
     print(f"systematics study: {config.generator}, {len(result.rows)} models x "
@@ -559,7 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("systematics",
                        help="train x test matrix of significance over nuisance settings")
     p.add_argument("config", help="study config (TOML), e.g. experiments/systematics_inferno.toml")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True,
+                   help="output directory: matrix.json, heatmap.png and checkpoints/ (the "
+                        "models of each finished training step; rerunning the same command "
+                        "resumes an interrupted study from them)")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--no-profile", action="store_true", help="skip the pyhf profiled column")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

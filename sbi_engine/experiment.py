@@ -111,6 +111,7 @@ from sbi_engine.systematics import SystematicsConfig
 
 __all__ = [
     "EXPERIMENT_TYPES",
+    "SIMPLE_NAME",
     "DataSection",
     "EvaluationSection",
     "ExperimentConfig",
@@ -123,6 +124,7 @@ __all__ = [
     "RunResult",
     "Stage",
     "SweepPoint",
+    "check_name",
     "demo_specs",
     "fit_power_law",
     "format_leaderboard",
@@ -608,6 +610,21 @@ def _experiment_type(name: Any) -> ExperimentType:
 # The experiment config
 # ------------------------------------------------------------------------------------
 
+#: A name that can be one file or directory name: letters, digits, ``_``, ``.``, ``-``,
+#: not starting with ``.`` (so never ``..`` or hidden), at most 100 characters.
+SIMPLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+
+
+def check_name(field: str, value: Any) -> str:
+    """``value`` if it is a :data:`SIMPLE_NAME`, else a ConfigError naming ``field``
+    (config values that become file names are checked with it when the config loads)."""
+    if not isinstance(value, str) or not SIMPLE_NAME.fullmatch(value):
+        raise ConfigError(f"{field}: expected a simple name (letters, digits, '_', '.', '-', "
+                          f"not starting with '.', at most 100 characters; it names files "
+                          f"under the run directory), got {value!r}")
+    return value
+
+
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
@@ -630,6 +647,7 @@ class ExperimentConfig:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"name: expected a non-empty string, got {self.name!r}")
+        check_name("name", self.name)  # the default run directory is runs/<name>
         seeds = self.seeds
         if not seeds:
             raise ConfigError("seeds: expected at least one seed")
@@ -751,7 +769,8 @@ def load_spec(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"experiment: {path} is not valid TOML ({err})") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"experiment: {path} is not UTF-8 text ({err})") from None
-    spec.setdefault("name", path.stem)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).lstrip(".")[:100]
+    spec.setdefault("name", stem or "experiment")  # a simple name (check_name)
     return spec
 
 
@@ -891,6 +910,7 @@ def resolve(spec: Mapping[str, Any], *, overrides: Iterable[str | tuple[str, Any
         if preset not in presets:
             raise ConfigError(f"--preset: unknown preset {preset!r}; this experiment has: "
                               f"{', '.join(sorted(presets)) or '(none)'}")
+        check_name("--preset", preset)  # the default run directory is runs/<name>-<preset>
         if not isinstance(presets[preset], Mapping):
             raise ConfigError(f"presets.{preset}: expected a table, got {_got(presets[preset])}")
         for key, value in _flatten(presets[preset]):
@@ -1023,7 +1043,21 @@ class RunContext:
     log: RunLog
 
     def path(self, *parts: str) -> Path:
+        """``out/<parts...>`` for a stage to write (its parent directories created).
+
+        Raises:
+            ConfigError: a part (config values often make them) is absolute, holds
+                ``..``, or the path leads outside the run directory (through a symlink).
+        """
+        for part in parts:
+            pure = Path(part)
+            if pure.is_absolute() or ".." in pure.parts or "\x00" in str(part):
+                raise ConfigError(f"path {str(part)!r}: must stay inside the run directory "
+                                  f"{self.out} (no absolute paths, no '..')")
         p = self.out.joinpath(*parts)
+        if not p.resolve().is_relative_to(self.out.resolve()):
+            raise ConfigError(f"path {p}: leads outside the run directory {self.out} "
+                              f"(through a symbolic link)")
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
@@ -1740,7 +1774,10 @@ def _stage_study(ctx: RunContext, *, seed: int, tag: str, n_train: int | None,
 
     cfg = dataclasses.replace(ctx.config.section("systematics"), seed=seed,
                               **({"n_train": n_train} if n_train else {}))
-    result = run_study(cfg, progress=ctx.progress)
+    # each trained step is checkpointed, so a killed run resumes inside the study; the
+    # checkpoint is removed once the models are saved (the stage's record marks it done)
+    checkpoint = ctx.path("checkpoints", "study", tag)
+    result = run_study(cfg, progress=ctx.progress, log=ctx.log, checkpoint=checkpoint)
     result.to_json(ctx.path("results", f"{tag}.json"))
     _save_study_models(ctx, result, tag)
     figures = []
@@ -1748,6 +1785,10 @@ def _stage_study(ctx: RunContext, *, seed: int, tag: str, n_train: int | None,
         result.plot(ctx.path("plots", f"heatmap_{tag}.png"))
         figures.append([f"plots/heatmap_{tag}.png", f"Asimov Z, training setting or method "
                                                     f"(rows) × test setting (columns), {tag}"])
+    shutil.rmtree(checkpoint)
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        with contextlib.suppress(OSError):  # kept while other checkpoints are in it
+            folder.rmdir()
     ctx.log(f"      {len(result.rows)} models × {len(result.cols)} test settings")
     return {"metrics": _study_metrics(result), "figures": figures,
             "rows": list(result.rows), "cols": list(result.cols)}

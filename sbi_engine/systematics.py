@@ -55,17 +55,28 @@ fair number.
 
 Everything takes explicit keys / integer seeds; the same config and seed give the same
 numbers.
+
+Resuming: with ``checkpoint=DIR`` each training step (the BCE batch, then each robust
+method) writes its trained parameters to ``DIR/<step>/`` as soon as it ends (atomically:
+``params.msgpack``, flax's msgpack of the stacked parameters, and ``step.json`` with the
+format, the step, the sha256 of the parameters and the identity hash of the config);
+``DIR/study.json`` records the config. Rerun with the same directory and config, a study
+interrupted anywhere (even by ``kill -9``) loads the completed steps instead of training
+them again, and since the evaluation is a deterministic function of the models and the
+keys, it ends with the numbers of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import math
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +86,8 @@ import numpy as np
 
 from sbi_engine.classify import (
     ClassifierConfig,
+    ClassifierFileError,
+    ClassifierParams,
     TrainData,
     predict,
     roc_auc,
@@ -718,15 +731,168 @@ def _datasets(gen: EventGenerator, key: jax.Array, nus: np.ndarray, n: int
     return [(x[j], y[j], w[j]) for j in range(nus.shape[0])]
 
 
-def run_study(config: SystematicsConfig, *, progress: bool = True) -> SystematicsResult:
+# ------------------------------------------------------------------------------------
+# Checkpoints: one file pair per training step, so an interrupted study resumes
+# ------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "sbi-engine-systematics-checkpoint"
+CHECKPOINT_VERSION = 1
+_STUDY, _STEP, _PARAMS = "study.json", "step.json", "params.msgpack"
+
+
+def _identity(config: SystematicsConfig) -> str:
+    """sha256 of the config's canonical JSON: the study a checkpoint belongs to."""
+    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Checkpoint:
+    """The trained steps of one study under ``root`` (see the module docstring).
+
+    A wrong or damaged file is an error naming it (nothing is deleted): another
+    study's checkpoint is a ConfigError, a corrupted step a ClassifierFileError.
+    """
+
+    def __init__(self, root: str | os.PathLike, config: SystematicsConfig):
+        self.root = Path(root)
+        self.identity = _identity(config)
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"checkpoint: {self.root} exists and is not a directory")
+        study = self.root / _STUDY
+        if not study.exists():
+            from sbi_engine.store import atomic_write_bytes
+
+            atomic_write_bytes(study, json.dumps(
+                {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                 "identity": self.identity, "config": config.to_dict()}, indent=1).encode())
+            return
+        head = self._header(study)
+        if head.get("identity") != self.identity:
+            old, new = head.get("config") or {}, config.to_dict()
+            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(f"checkpoint {self.root}: holds a study with another config "
+                              f"(differs in: {', '.join(keys) or 'unknown keys'}); use "
+                              f"another checkpoint directory, or delete it to start over")
+
+    def _header(self, path: Path) -> dict[str, Any]:
+        try:
+            head = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ClassifierFileError(f"checkpoint {path}: unreadable ({type(err).__name__}: "
+                                      f"{err}); delete {path.parent} to redo it") from None
+        if not isinstance(head, dict) or head.get("format") != CHECKPOINT_FORMAT:
+            raise ClassifierFileError(f"checkpoint {path}: not a {CHECKPOINT_FORMAT} file")
+        if head.get("format_version") != CHECKPOINT_VERSION:
+            raise ClassifierFileError(f"checkpoint {path}: format version "
+                                      f"{head.get('format_version')!r}; this engine reads "
+                                      f"{CHECKPOINT_VERSION}")
+        return head
+
+    def path(self, step: str) -> Path:
+        return self.root / step
+
+    def load(self, step: str, models: int) -> ClassifierParams | None:
+        """The step's stacked ``(models, ...)`` parameters, or ``None`` if not yet saved."""
+        folder = self.path(step)
+        if not folder.exists():
+            return None
+        head_file, file = folder / _STEP, folder / _PARAMS
+        head = self._header(head_file)
+        if head.get("identity") != self.identity or head.get("step") != step:
+            raise ConfigError(f"checkpoint {head_file}: written for another study or step "
+                              f"({head.get('step')!r}); delete {folder} to retrain it")
+        try:
+            raw = file.read_bytes()
+        except OSError as err:
+            raise ClassifierFileError(f"checkpoint {file}: unreadable ({err}); delete "
+                                      f"{folder} to retrain {step!r}") from None
+        if hashlib.sha256(raw).hexdigest() != head.get("sha256"):
+            raise ClassifierFileError(f"checkpoint {file}: does not match the checksum in "
+                                      f"{head_file} (truncated or corrupted); delete {folder} "
+                                      f"to retrain {step!r}")
+        from flax import serialization
+
+        try:
+            state = serialization.msgpack_restore(raw)
+            hidden = tuple(int(h) for h in head["hidden"])
+            params = ClassifierParams(jax.tree.map(jnp.asarray, state["net"]),
+                                      jnp.asarray(state["loc"]), jnp.asarray(state["scale"]),
+                                      hidden, str(head["activation"]))
+            leaves = jax.tree.leaves(params)
+            ok = (len(params.net["params"]) == len(hidden) + 1 and all(
+                a.dtype == jnp.float32 and a.ndim >= 1 and a.shape[0] == models
+                for a in leaves))
+        except Exception as err:  # noqa: BLE001 - msgpack/numpy raise many types on garbage
+            raise ClassifierFileError(f"checkpoint {file}: cannot be read "
+                                      f"({type(err).__name__}: {err})") from None
+        if not ok:
+            raise ClassifierFileError(f"checkpoint {file}: expected the float32 parameters "
+                                      f"of {models} model(s) with hidden {hidden}")
+        return params
+
+    def save(self, step: str, params: ClassifierParams) -> None:
+        """Write the step's stacked parameters atomically (a directory rename)."""
+        from flax import serialization
+
+        from sbi_engine import __version__
+        from sbi_engine.store import atomic_write_dir
+
+        raw = serialization.to_bytes(params)  # msgpack of {net, loc, scale}; no pickle
+        head = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                "engine_version": __version__, "identity": self.identity, "step": step,
+                "models": int(params.loc.shape[0]), "hidden": list(params.hidden),
+                "activation": params.activation, "file": _PARAMS,
+                "sha256": hashlib.sha256(raw).hexdigest()}
+        atomic_write_dir(self.path(step), {_STEP: json.dumps(head, indent=1).encode(),
+                                           _PARAMS: raw})
+
+
+def _train_bce(config: SystematicsConfig, gen: EventGenerator, cfg: ClassifierConfig,
+               design: Design, k_train: jax.Array, k_model: jax.Array) -> ClassifierParams:
+    """One BCE model per setting of ``design``: stacked ``(S, ...)`` parameters."""
+    sets = _datasets(gen, k_train, design.nu, config.n_train)
+    datasets = [train_data(d, jnp.asarray(v)) for d, v in zip(sets, design.nu)]
+    stacked = TrainData(*(jnp.stack(a) for a in zip(*datasets)))
+    keys = jnp.stack([k_model] * len(design))  # same init for every setting
+    return train_many(keys, stacked, cfg, generator=gen).params
+
+
+def _train_robust(config: SystematicsConfig, gen: EventGenerator, cfg: ClassifierConfig,
+                  method: str, held: _VariedPrior, key: jax.Array, k_model: jax.Array
+                  ) -> ClassifierParams:
+    """A robust method's model, trained at nominal or on held-out prior ν: ``(1, ...)``."""
+    nominal = jnp.asarray(gen.nominal_nu())
+    if method in ("augmented", "pivot", "parameterised"):
+        k_nu, k_ev = jax.random.split(key)
+        nu_ev = held.sample(k_nu, config.n_train * len(gen.processes))
+        data = train_data(make_dataset(k_ev, gen, nu_ev, config.n_train), nu_ev)
+    else:
+        data = train_data(make_dataset(key, gen, nominal, config.n_train), nominal)
+    return train_many(k_model[None], TrainData(*(a[None] for a in data)), cfg,
+                      generator=gen).params
+
+
+def run_study(config: SystematicsConfig, *, progress: bool = True,
+              checkpoint: str | os.PathLike | None = None,
+              log: Callable[[str], None] | None = None) -> SystematicsResult:
     """Run a systematics study (see the module docstring).
 
     Args:
         config: the :class:`SystematicsConfig`.
         progress: show a tqdm progress bar over the whole study.
+        checkpoint: a directory for the trained steps; a rerun with the same directory
+            and config loads the completed steps instead of training them again (same
+            result as an uninterrupted run).
+        log: receives one line per step loaded from the checkpoint (default: printed
+            above the progress bar when ``progress``).
 
     Returns:
         :class:`SystematicsResult`.
+
+    Raises:
+        ConfigError: a bad config, or ``checkpoint`` holds another study.
+        ClassifierFileError: a checkpoint file is corrupted (it is named; nothing is
+            deleted).
     """
     from tqdm.auto import tqdm
 
@@ -760,44 +926,46 @@ def run_study(config: SystematicsConfig, *, progress: bool = True) -> Systematic
 
     total = (1 if n_bce else 0) + len(robust) + n_rows * eval_nu.shape[0] + (
         n_rows if config.profile else 0)
+    ckpt = None if checkpoint is None else _Checkpoint(checkpoint, config)
     bar = tqdm(total=total, desc="systematics", unit="step", disable=not progress)
 
     def sample_set(key, nus):
         return _datasets(gen, key, np.asarray(nus), config.n_test)
 
-    # -- training --------------------------------------------------------------------
+    say = log or (bar.write if progress else (lambda _: None))
+
+    def trained(step: str, models: int, train: Callable[[], ClassifierParams]
+                ) -> ClassifierParams:
+        params = None if ckpt is None else ckpt.load(step, models)
+        if params is None:
+            params = train()
+            if ckpt is not None:
+                ckpt.save(step, params)
+        else:
+            say(f"systematics: {step}: loaded from checkpoint {ckpt.path(step)}")
+        bar.update(1)
+        return params
+
+    # -- training (each step checkpointed) ---------------------------------------------
     models: list[tuple[str, str, np.ndarray, Any, bool]] = []  # name, method, nu, params, param?
     model_configs: list[Any] = []
     if n_bce:
         cfg = _method_config(config.classifier, "bce", config.sigma_b, varied)
-        sets = _datasets(gen, k_train, train_design.nu, config.n_train)
-        datasets = [train_data(d, jnp.asarray(v)) for d, v in zip(sets, train_design.nu)]
-        stacked = TrainData(*(jnp.stack(a) for a in zip(*datasets)))
-        keys = jnp.stack([k_model] * n_bce)  # same init for every setting
-        res = train_many(keys, stacked, cfg, generator=gen)
+        params = trained("bce", n_bce, functools.partial(
+            _train_bce, config, gen, cfg, train_design, k_train, k_model))
         for i, name in enumerate(train_design.names):
-            models.append((f"bce@{name}", "bce", train_design.nu[i],
-                           select(res.params, i), False))
+            models.append((f"bce@{name}", "bce", train_design.nu[i], select(params, i),
+                           False))
             model_configs.append(cfg)
-        bar.update(1)
     held = _VariedPrior(gen, varied, steps, config.holdout_width)
     for j, method in enumerate(robust):
         cfg = _method_config(config.classifier, method, config.sigma_b, varied)
-        key_d = jax.random.fold_in(k_robust, j)
-        if method in ("augmented", "pivot", "parameterised"):
-            k_nu, k_ev = jax.random.split(key_d)
-            n_total = config.n_train * len(gen.processes)
-            nu_ev = held.sample(k_nu, n_total)
-            data = train_data(make_dataset(k_ev, gen, nu_ev, config.n_train), nu_ev)
-        else:
-            data = train_data(make_dataset(key_d, gen, jnp.asarray(nominal), config.n_train),
-                              jnp.asarray(nominal))
-        res = train_many(k_model[None], TrainData(*(a[None] for a in data)), cfg,
-                         generator=gen)
-        models.append((method, method, nominal, select(res.params, 0),
+        params = trained(method, 1, functools.partial(
+            _train_robust, config, gen, cfg, method, held, jax.random.fold_in(k_robust, j),
+            k_model))
+        models.append((method, method, nominal, select(params, 0),
                        method == "parameterised"))
         model_configs.append(cfg)
-        bar.update(1)
 
     # -- evaluation ------------------------------------------------------------------
     tests = sample_set(k_test, eval_nu)

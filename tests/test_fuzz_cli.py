@@ -69,7 +69,7 @@ def _values(action: argparse.Action, root, out: str) -> st.SearchStrategy:
         return st.sampled_from([out, str(root / "empty"), str(root / "obs.npy")])
     if action.dest in ("set", "name", "extra"):
         return st.sampled_from(["two_moons", "nope", "a=1", "seed=x", "=", "pyloric"])
-    return st.sampled_from(_paths(root) + ["two_moons", "nope"])
+    return st.sampled_from([*_paths(root), "two_moons", "nope"])
 
 
 @st.composite
@@ -109,7 +109,7 @@ def test_fuzzed_command_lines_end_in_success_or_one_clear_error(files, tmp_path,
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
-            code = main(argv + ["--quiet"] if "--quiet" in _flags(argv[0]) else argv)
+            code = main([*argv, "--quiet"] if "--quiet" in _flags(argv[0]) else argv)
         except SystemExit as exc:  # argparse's own errors
             code = exc.code
     text = err.getvalue()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import time
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import jax
