@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -363,7 +364,9 @@ class Posterior(BasePosterior):
         try:
             config = FlowConfig.from_dict(header["flow"])
             theta_dim = int(header["theta_dim"])
-            _check_sizes(config, theta_dim, state)
+            check_weight_sizes([np.shape(a) for a in jax.tree.leaves(state)],
+                               {"flow.hidden": config.hidden, "theta_dim": theta_dim},
+                               {"flow.transforms": config.transforms})
             std = Standardization.from_dict(header["standardization"])
             prior = None if header.get("prior") is None else prior_from_dict(header["prior"])
             flow = build_flow(config, theta_dim=theta_dim,
@@ -392,22 +395,31 @@ class Posterior(BasePosterior):
                 f"x_shape={self.x_shape})")
 
 
-def _check_sizes(config: FlowConfig, theta_dim: int, state: Any) -> None:
+def check_weight_sizes(shapes: Sequence[tuple[int, ...]], widths: Mapping[str, int],
+                       counts: Mapping[str, int] | None = None) -> None:
     """Refuse a header whose network could not have produced these weights.
 
-    Every width the config names (``hidden``, θ's dimension) is a dimension of some
-    weight array, and every transform owns at least one array. Checking this first
-    means a lying header cannot make the loader build huge masks or permutations.
+    Every width a config names (hidden units, θ's dimension) is a dimension of some
+    weight array, and every transform owns at least one array. Checking this before the
+    network is built means a lying header cannot make a loader allocate a huge network.
+
+    Args:
+        shapes: the shapes of the stored weight arrays.
+        widths: ``{field: value}`` that must not exceed the largest stored dimension.
+        counts: ``{field: value}`` that must not exceed the number of stored arrays.
+
+    Raises:
+        ValueError: naming the field.
     """
-    shapes = [np.shape(a) for a in jax.tree.leaves(state)]
-    largest = max((max(s) for s in shapes if s), default=0)
-    for name, value in (("flow.hidden", config.hidden), ("theta_dim", theta_dim)):
+    largest = max((max(s) for s in shapes if len(s)), default=0)
+    for name, value in widths.items():
         if value > largest:
             raise ValueError(f"{name} = {value}, but no weight array has a dimension that "
                              f"large (largest: {largest})")
-    if config.transforms > len(shapes):
-        raise ValueError(f"flow.transforms = {config.transforms}, but the weights hold only "
-                         f"{len(shapes)} arrays")
+    for name, value in (counts or {}).items():
+        if value > len(shapes):
+            raise ValueError(f"{name} = {value}, but the weights hold only {len(shapes)} "
+                             "arrays")
 
 
 def read_model_header(path: Path, fmt: str, version: int, weights: str, writer: str, *,

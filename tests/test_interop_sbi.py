@@ -378,4 +378,13 @@ def test_bad_files_are_refused(trained, tmp_path):
     _rewrite(m, mutate_state=lambda s: s.update({key: np.array([{"a": 1}], dtype=object)}))
     with pytest.raises(PosteriorFileError, match="corrupted"):
         SbiPosterior.load(m)
+    for field, value in (("hidden", 2**30), ("transforms", 10**6)):
+        m = fresh(f"huge_{field}")  # refused before a network of that size is built
+        _rewrite(m, mutate_header=lambda h, f=field, v=value: h["npe"]["flow"].update({f: v}))
+        with pytest.raises(PosteriorFileError, match=f"flow.{field}"):
+            SbiPosterior.load(m)
+    m = fresh("huge_x")
+    _rewrite(m, mutate_header=lambda h: h.update(x_shape=[2**31]))
+    with pytest.raises(PosteriorFileError, match="x_shape"):
+        SbiPosterior.load(m)
     SbiPosterior.load(good)  # the untouched copy still loads

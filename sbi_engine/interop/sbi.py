@@ -83,6 +83,7 @@ from sbi_engine.npe import NPEConfig, TrainResult
 from sbi_engine.posterior import (
     BasePosterior,
     PosteriorFileError,
+    check_weight_sizes,
     jsonable,
     read_model_header,
 )
@@ -667,6 +668,15 @@ class SbiPosterior(BasePosterior):
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
             raise PosteriorFileError(f"model {path}: {_WEIGHTS} is corrupted "
                                      f"({type(err).__name__}: {err})") from None
+        x_dim = int(np.prod(x_shape, dtype=np.int64))
+        try:  # before the network is built: a lying header must not allocate a huge one
+            check_weight_sizes([a.shape for a in state.values()],
+                               {"flow.hidden": config.flow.hidden, "theta_dim": theta_dim,
+                                "x_shape (flattened)": x_dim},
+                               {"flow.transforms": config.flow.transforms})
+        except ValueError as err:
+            raise PosteriorFileError(f"model {path}: posterior.json does not fit "
+                                     f"{_WEIGHTS} ({err})") from None
         net = _rebuild_net(config.flow, theta_dim, x_shape)
         template = net.state_dict()
         missing = sorted(set(template) - set(state))
