@@ -1220,6 +1220,9 @@ def save_classifier(path: str | os.PathLike, params: ClassifierParams,
         "metadata": jsonable(dict(metadata or {})),
         "weights": {"file": _WEIGHTS, "sha256": hashlib.sha256(weights).hexdigest()},
     }
+    from sbi_engine.posterior import seal_header
+
+    seal_header(header)
     return atomic_write_dir(path, {
         _HEADER: (json.dumps(header, indent=1, sort_keys=True) + "\n").encode(),
         _WEIGHTS: weights,

@@ -335,6 +335,7 @@ class Posterior(BasePosterior):
         state = serialization.to_state_dict(jax.tree.map(np.asarray, self.params))
         blob = serialization.msgpack_serialize(state)
         header["params_sha256"] = hashlib.sha256(blob).hexdigest()  # catches bit flips
+        seal_header(header)
         return atomic_write_dir(path, {
             "posterior.json": json.dumps(header, indent=1, sort_keys=True).encode(),
             "params.msgpack": blob,
@@ -422,6 +423,24 @@ def check_weight_sizes(shapes: Sequence[tuple[int, ...]], widths: Mapping[str, i
                              "arrays")
 
 
+#: Header fields left out of ``header_sha256``: free-form notes a user may edit.
+_UNSEALED = ("metadata", "header_sha256")
+
+
+def _header_digest(header: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in header.items() if k not in _UNSEALED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=False).encode()).hexdigest()
+
+
+def seal_header(header: dict[str, Any]) -> dict[str, Any]:
+    """Add ``header_sha256``: a checksum of every field but ``metadata``, so a bit flip in
+    a header number (a standardisation mean, a prior bound) is refused on load rather
+    than silently changing the model. Returns ``header``."""
+    header["header_sha256"] = _header_digest(header)
+    return header
+
+
 def read_model_header(path: Path, fmt: str, version: int, weights: str, writer: str, *,
                       header: str = "posterior.json", what: str = "model",
                       error: type[SbiEngineError] | None = None) -> dict:
@@ -455,6 +474,14 @@ def read_model_header(path: Path, fmt: str, version: int, weights: str, writer: 
         raise error(f"{what} {path}: format version {found!r} written by engine "
                     f"{found_header.get('engine_version')!r}; this engine reads version "
                     f"{version}")
+    digest = found_header.get("header_sha256")  # absent in files written before it was added
+    try:
+        intact = digest is None or digest == _header_digest(found_header)
+    except ValueError:  # NaN/inf numbers, which the writer never produces
+        intact = False
+    if not intact:
+        raise error(f"{what} {path}: {header} does not match its header_sha256 (a corrupted "
+                    "file, or an edit outside 'metadata')")
     return found_header
 
 

@@ -58,6 +58,7 @@ Files: :meth:`ValidityClassifier.save` writes a directory with ``classifier.json
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -297,9 +298,14 @@ class ValidityClassifier:
             "metadata": jsonable(self.metadata),
         }
         state = serialization.to_state_dict(jax.tree.map(np.asarray, self.params))
+        blob = serialization.msgpack_serialize(state)
+        header["params_sha256"] = hashlib.sha256(blob).hexdigest()
+        from sbi_engine.posterior import seal_header
+
+        seal_header(header)
         return atomic_write_dir(path, {
             "classifier.json": json.dumps(header, indent=1, sort_keys=True).encode(),
-            "params.msgpack": serialization.msgpack_serialize(state),
+            "params.msgpack": blob,
         })
 
     @classmethod
@@ -324,8 +330,13 @@ class ValidityClassifier:
         except (KeyError, TypeError, ValueError) as err:
             raise RestrictionError(f"classifier {path}: classifier.json is inconsistent "
                                    f"({type(err).__name__}: {err})") from None
+        blob = pfile.read_bytes()
+        digest = header.get("params_sha256")  # absent in files written before it was added
+        if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
+            raise RestrictionError(f"classifier {path}: params.msgpack does not match the "
+                                   "checksum in classifier.json (truncated or corrupted)")
         try:
-            state = serialization.msgpack_restore(pfile.read_bytes())
+            state = serialization.msgpack_restore(blob)
         except Exception as err:  # noqa: BLE001 - msgpack raises many types on garbage
             raise RestrictionError(f"classifier {path}: params.msgpack is corrupted "
                                    f"({type(err).__name__})") from None

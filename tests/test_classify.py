@@ -455,12 +455,14 @@ def _rewrite(path, header=None, weights=None):
     import hashlib
     import json
 
+    from sbi_engine.posterior import seal_header
+
     head = json.loads((path / "classifier.json").read_text())
     if weights is not None:
         (path / "weights.npz").write_bytes(weights)
         head["weights"]["sha256"] = hashlib.sha256(weights).hexdigest()
     head.update(header or {})
-    (path / "classifier.json").write_text(json.dumps(head))
+    (path / "classifier.json").write_text(json.dumps(seal_header(head)))
 
 
 def test_load_refuses_bad_files_with_clear_errors(tmp_path, tiny_params):

@@ -34,7 +34,7 @@ from sbi_engine.classify import (
 from sbi_engine.cli import main
 from sbi_engine.errors import DatasetError
 from sbi_engine.npe import NPEConfig, train_npe
-from sbi_engine.posterior import PosteriorFileError, load_posterior
+from sbi_engine.posterior import PosteriorFileError, load_posterior, seal_header
 from sbi_engine.simulate import simulate
 from sbi_engine.store import load_dataset
 
@@ -236,7 +236,7 @@ def test_lying_posterior_header(model, tmp_path, field, data):
     path, _ = _damage(src, tmp_path, [])
     h = json.loads((path / "posterior.json").read_text())
     h[field] = value
-    (path / "posterior.json").write_text(json.dumps(h))
+    (path / "posterior.json").write_text(json.dumps(seal_header(h)))  # a crafted file
     try:
         post = load_posterior(path)
     except PosteriorFileError as err:
@@ -256,7 +256,7 @@ def test_a_header_asking_for_a_huge_network_allocates_nothing(model, tmp_path, f
         h["x_shape"] = value
     else:
         h["flow"][field] = value
-    (path / "posterior.json").write_text(json.dumps(h))
+    (path / "posterior.json").write_text(json.dumps(seal_header(h)))  # a crafted file
     t0 = time.perf_counter()
     with pytest.raises(PosteriorFileError, match="do not match|inconsistent"):
         load_posterior(path)
@@ -319,7 +319,7 @@ def test_lying_classifier_header(classifier, tmp_path, field, value):
     path, _ = _damage(src, tmp_path, [])
     h = json.loads((path / "classifier.json").read_text())
     h[field] = value
-    (path / "classifier.json").write_text(json.dumps(h))
+    (path / "classifier.json").write_text(json.dumps(seal_header(h)))  # a crafted file
     try:
         loaded = load_classifier(path)
     except ClassifierFileError as err:
@@ -344,7 +344,7 @@ def test_pickled_classifier_weights_are_never_unpickled(classifier, tmp_path, fi
         if fix_checksum:  # the attacker also rewrites the header's checksum
             h = json.loads((path / "classifier.json").read_text())
             h["weights"]["sha256"] = hashlib.sha256(raw).hexdigest()
-            (path / "classifier.json").write_text(json.dumps(h))
+            (path / "classifier.json").write_text(json.dumps(seal_header(h)))
         with pytest.raises(ClassifierFileError):
             load_classifier(path)
     assert not marker.exists()

@@ -9,7 +9,7 @@ import pytest
 from sbi_engine import BoxUniform, ConfigError, Gaussian, ShapeError
 from sbi_engine.flows import FlowConfig
 from sbi_engine.npe import NPEConfig, train_npe, train_tsnpe
-from sbi_engine.posterior import Posterior, PosteriorFileError, SamplingError
+from sbi_engine.posterior import Posterior, PosteriorFileError, SamplingError, seal_header
 
 # Conjugate model: θ ~ N(0, I₂), x | θ ~ N(θ, σ² I₂)  →  θ | x ~ N(x / (1 + σ²), σ²/(1+σ²) I).
 SIGMA2 = 0.25
@@ -99,10 +99,17 @@ def test_save_load_round_trip_and_bad_files(trained, tmp_path):
     header["format_version"] = 1
     header["flow"]["hidden"] = 64  # the weights no longer fit the config
     (path / "posterior.json").write_text(json.dumps(header))
+    with pytest.raises(PosteriorFileError, match="header_sha256"):  # an edit is noticed
+        Posterior.load(path)
+    (path / "posterior.json").write_text(json.dumps(seal_header(header)))  # a crafted one
+    with pytest.raises(PosteriorFileError, match="flow.hidden = 64"):
+        Posterior.load(path)
+    header["flow"]["hidden"] = 16  # fits the largest dimension, not the weights
+    (path / "posterior.json").write_text(json.dumps(seal_header(header)))
     with pytest.raises(PosteriorFileError, match="do not match"):
         Posterior.load(path)
     header["flow"]["hidden"] = 32
-    (path / "posterior.json").write_text(json.dumps(header))
+    (path / "posterior.json").write_text(json.dumps(seal_header(header)))
     data = (path / "params.msgpack").read_bytes()
     (path / "params.msgpack").write_bytes(data[: len(data) // 3])
     with pytest.raises(PosteriorFileError, match="corrupted"):

@@ -115,7 +115,17 @@ def test_save_load_roundtrip_and_corruption(trained, tmp_path):
     np.testing.assert_allclose(back.logits(theta[:500]), clf.logits(theta[:500]), rtol=1e-6,
                                atol=1e-6)
     assert back.threshold == clf.threshold and back.config == clf.config
+    good = (path / "params.msgpack").read_bytes()
+    (path / "params.msgpack").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one bit
+    with pytest.raises(RestrictionError, match="params.msgpack does not match the checksum"):
+        ValidityClassifier.load(path)
+    header["threshold"] *= 1.5  # a header number edited by hand or by a bit flip
+    (path / "classifier.json").write_text(json.dumps(header))
+    with pytest.raises(RestrictionError, match="header_sha256"):
+        ValidityClassifier.load(path)
     (path / "params.msgpack").write_bytes(b"garbage")
+    del header["params_sha256"], header["header_sha256"]  # as written by older engines
+    (path / "classifier.json").write_text(json.dumps(header))
     with pytest.raises(RestrictionError, match="params.msgpack is corrupted"):
         ValidityClassifier.load(path)
     with pytest.raises(RestrictionError, match="expected a directory"):

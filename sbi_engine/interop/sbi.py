@@ -86,6 +86,7 @@ from sbi_engine.posterior import (
     check_weight_sizes,
     jsonable,
     read_model_header,
+    seal_header,
 )
 from sbi_engine.priors import (
     BoxUniform,
@@ -619,6 +620,7 @@ class SbiPosterior(BasePosterior):
             "metadata": jsonable(self.metadata),
             "weights": {"file": _WEIGHTS, "sha256": hashlib.sha256(weights).hexdigest()},
         }
+        seal_header(header)
         return atomic_write_dir(path, {
             "posterior.json": json.dumps(header, indent=1, sort_keys=True).encode(),
             _WEIGHTS: weights,
