@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         run_sweep,
     )
     from sbi_engine.flows import CNNEmbedding, FlowConfig, MLPEmbedding
-    from sbi_engine.npe import NPEConfig, TrainResult, train_npe, train_tsnpe
+    from sbi_engine.npe import CheckpointError, NPEConfig, TrainResult, train_npe, train_tsnpe
     from sbi_engine.posterior import Posterior, load_posterior
     from sbi_engine.priors import (
         BoxUniform,
@@ -69,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from sbi_engine.store import Dataset, load_dataset
 
 _EXPORTS = {
+    "CheckpointError": "sbi_engine.npe",
     "BlackBoxSimulator": "sbi_engine.simulator",
     "BoxUniform": "sbi_engine.priors",
     "CNNEmbedding": "sbi_engine.flows",
@@ -127,6 +128,7 @@ __all__ = [
     "BlackBoxSimulator",
     "BoxUniform",
     "CNNEmbedding",
+    "CheckpointError",
     "ClassifierConfig",
     "ConfigError",
     "Dataset",

@@ -184,7 +184,7 @@ def cmd_info(args) -> int:
 def cmd_train(args) -> int:
     import jax
 
-    from sbi_engine.npe import NPEConfig, train_npe_from_dataset
+    from sbi_engine.npe import NPEConfig, remove_checkpoint, train_npe_from_dataset
     from sbi_engine.priors import prior_from_dict
     from sbi_engine.store import load_dataset
 
@@ -198,6 +198,11 @@ def cmd_train(args) -> int:
     valid = f" ({counts['valid']:,} valid)" if "valid" in counts else ""
     print(f"training {args.estimator} ({args.backend}) on {len(ds):,} simulations of "
           f"{ds.manifest['simulator']!r}{valid}")
+    checkpoint = None
+    if args.backend == "jax" and not args.no_checkpoint:
+        checkpoint = Path(args.checkpoint or f"{Path(args.out)}.checkpoint")
+        if checkpoint.exists():
+            print(f"resuming from the checkpoint {checkpoint}")
     if args.backend == "sbi":
         from sbi_engine.interop.sbi import train_sbi
 
@@ -206,10 +211,13 @@ def cmd_train(args) -> int:
     else:
         # Streams the dataset from disk when it is larger than memory allows.
         result = train_npe_from_dataset(jax.random.PRNGKey(args.seed), ds, config=config,
-                                        prior=prior, progress=not args.quiet)
+                                        prior=prior, progress=not args.quiet,
+                                        checkpoint=checkpoint)
     result.posterior.metadata.update(simulator=ds.manifest["simulator"],
                                      dataset=str(ds.path), seed=args.seed)
     result.posterior.save(args.out)
+    if checkpoint is not None:
+        remove_checkpoint(checkpoint)  # its work is in the model now
     s = result.summary()
     print(f"{args.out}: {s['epochs']} epochs in {s['seconds']:.1f} s "
           f"({s['seconds_per_epoch']:.3f} s/epoch), best validation loss "
@@ -488,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="training state file, written every epoch; after an interruption, "
+                        "rerun the same command to resume from it (same result as an "
+                        "uninterrupted run); removed once the model is saved (default: "
+                        "OUT.checkpoint; jax backend only)")
+    p.add_argument("--no-checkpoint", action="store_true", help="do not write a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -1585,7 +1585,7 @@ def _stage_train(ctx: RunContext, *, seed: int, tag: str, data_name: str,
     import jax
 
     from sbi_engine import plotting
-    from sbi_engine.npe import train_npe
+    from sbi_engine.npe import remove_checkpoint, train_npe
     from sbi_engine.store import load_dataset
 
     sec = ctx.config.section("npe")
@@ -1595,16 +1595,26 @@ def _stage_train(ctx: RunContext, *, seed: int, tag: str, data_name: str,
     if budget is not None:
         theta, x = theta[:budget], x[:budget]
     cfg = sec.npe_config()
+    checkpoint = None
     if sec.backend == "sbi":
         from sbi_engine.interop.sbi import train_sbi
 
         res = train_sbi(theta, x, prior=sim.prior, config=cfg, seed=seed, progress=ctx.progress)
     else:
+        # A run killed mid-training resumes from its last epoch; the checkpoint is removed
+        # once the model is saved (the stage's record then marks the work done).
+        checkpoint = ctx.path("checkpoints", f"train-{tag}")
+        if checkpoint.exists():
+            ctx.log(f"      resuming training from {checkpoint.relative_to(ctx.out)}")
         res = train_npe(jax.random.PRNGKey(seed), theta, x, config=cfg, prior=sim.prior,
-                        progress=ctx.progress)
+                        progress=ctx.progress, checkpoint=checkpoint)
     res.posterior.metadata.update(simulator=sim.name, seed=seed, experiment=ctx.config.name,
                                   num_simulations=int(theta.shape[0]))
     res.posterior.save(ctx.path("models", tag))
+    if checkpoint is not None:
+        remove_checkpoint(checkpoint)
+        with contextlib.suppress(OSError):  # kept while another checkpoint is in it
+            checkpoint.parent.rmdir()
     plotting.plot_training_curves({"train": res.train_loss, "validation": res.val_loss},
                                   ylabel="negative log-likelihood",
                                   title=f"NPE ({sec.estimator}) training, {tag}",

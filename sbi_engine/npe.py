@@ -17,6 +17,23 @@ batch, and the epoch function compiles once (``TrainResult.compilations``). Rows
 A dataset in the store that does not fit in memory is streamed from disk by
 :func:`train_npe_from_dataset` (the CLI's ``train``).
 
+Checkpoints (``checkpoint=PATH``): every ``checkpoint_every`` epochs the training
+state — weights, optimiser state, epoch, best weights, loss histories — is written to
+one file atomically (temporary file, fsync, rename), so a run killed at any moment
+(``kill -9`` included) resumes from its last checkpoint when called again with the same
+arguments, and ends with exactly the :class:`TrainResult` of an uninterrupted run:
+epoch ``e`` shuffles with ``fold_in(key, e)``, so it does not depend on the epochs
+before it except through the saved state. The file is one line of JSON (format, engine
+version, the *identity* of the training: sha256 digests of the config, key, data,
+flow, prior and initial weights; then the progress: epochs, best epoch, whether it
+finished) followed by the msgpack-encoded state, whose sha256 the header holds. Nothing
+is unpickled. A checkpoint of another training is refused (:class:`ConfigError`), a
+damaged one too (:class:`CheckpointError`); neither is deleted.
+
+Divergence: when the training or validation loss of an epoch is not finite, training
+stops with a warning and keeps the best weights so far (``TrainResult.diverged_at``);
+the checkpoint keeps the last state written before it, never non-finite weights.
+
 Compile time: the first epoch traces and compiles the epoch program (a few seconds of
 CPU for the default flows, more on a loaded machine); later epochs reuse it. Repeated
 runs can skip it with JAX's persistent compilation cache, which the engine leaves
@@ -37,24 +54,39 @@ plain NPE loss on all rounds' data stays valid (no atomic correction).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
 from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.flows import ConditionalFlow, FlowConfig, build_flow_from_data
-from sbi_engine.posterior import Posterior
+from sbi_engine.posterior import Posterior, PosteriorFileError
 from sbi_engine.priors import Prior
+from sbi_engine.store import atomic_write_bytes, jsonable
 
-__all__ = ["NPEConfig", "TrainResult", "train_npe", "train_npe_from_dataset", "train_tsnpe"]
+__all__ = [
+    "CheckpointError",
+    "NPEConfig",
+    "TrainResult",
+    "remove_checkpoint",
+    "train_npe",
+    "train_npe_from_dataset",
+    "train_tsnpe",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,8 +163,12 @@ class TrainResult:
         best_epoch: index of the epoch whose weights were kept.
         epochs: epochs run.
         excluded: rows dropped because ``x`` or ``θ`` was not finite.
-        seconds: wall time of training (compilation included).
-        compilations: times the epoch function was traced (1 unless shapes changed).
+        seconds: wall time of training in this call (compilation included).
+        compilations: times the epoch function was traced in this call (1 unless shapes
+            changed; 0 when a finished checkpoint was returned).
+        resumed_from: epochs taken from a checkpoint (0: trained from scratch).
+        diverged_at: the epoch whose loss was not finite, where training stopped
+            (``None``: it did not diverge).
     """
 
     posterior: Posterior
@@ -143,6 +179,8 @@ class TrainResult:
     excluded: int
     seconds: float
     compilations: int
+    resumed_from: int = 0
+    diverged_at: int | None = None
 
     @property
     def best_val_loss(self) -> float:
@@ -156,8 +194,10 @@ class TrainResult:
             "final_train_loss": self.train_loss[-1],
             "excluded_rows": self.excluded,
             "seconds": self.seconds,
-            "seconds_per_epoch": self.seconds / max(self.epochs, 1),
+            "seconds_per_epoch": self.seconds / max(self.epochs - self.resumed_from, 1),
             "compilations": self.compilations,
+            "resumed_from": self.resumed_from,
+            "diverged_at": self.diverged_at,
         }
 
 
@@ -280,6 +320,179 @@ class _EpochRunner:
         return total / n
 
 
+# -- checkpoints -------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "sbi-engine-npe-checkpoint"
+CHECKPOINT_VERSION = 1
+_REMOVE = "remove it to train from scratch, or pass another checkpoint path"
+
+
+class CheckpointError(PosteriorFileError):
+    """A training checkpoint is truncated, corrupted, or from an incompatible version."""
+
+
+@dataclasses.dataclass
+class _TrainState:
+    """The epoch loop's state, and what a checkpoint holds (host arrays).
+
+    ``params`` and ``opt_state`` are the weights and optimiser state after ``epoch``
+    epochs as of the last checkpoint write (the loop holds the current ones on device),
+    so never non-finite ones: after a divergence the histories run past ``epoch``.
+    ``stop`` says why training ended (``"early_stop"``, ``"max_epochs"``,
+    ``"diverged"``; ``""`` while it runs).
+    """
+
+    params: Any
+    opt_state: Any
+    best_params: Any
+    epoch: int = 0
+    best_val: float = math.inf
+    best_epoch: int = 0
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    val_loss: list[float] = dataclasses.field(default_factory=list)
+    stop: str = ""
+    diverged_at: int | None = None
+
+    def to_tree(self) -> dict[str, Any]:
+        tree = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("train_loss", "val_loss"):
+            tree[name] = np.asarray(tree[name], np.float64)  # float() of float32: exact
+        return tree
+
+
+def _digest(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON (arrays as lists)."""
+    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+def _array_digest(*arrays: np.ndarray) -> str:
+    """sha256 of the arrays' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
+def _same_leaves(a: Any, b: Any) -> bool:
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    return tree_a == tree_b and all(np.shape(u) == np.shape(v) and
+                                    np.result_type(u) == np.result_type(v)
+                                    for u, v in zip(leaves_a, leaves_b))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checkpoint:
+    """A training checkpoint file: one line of JSON header, then the msgpack state.
+
+    Attributes:
+        path: the file.
+        identity: what must agree to resume: component name → sha256.
+        every: write every this many epochs (and when training stops).
+    """
+
+    path: Path
+    identity: dict[str, str]
+    every: int = 1
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, every: int, *, key: jax.Array,
+               config: NPEConfig, flow: ConditionalFlow, prior: Prior | None, data: str,
+               init_params: Any = None) -> _Checkpoint:
+        """The checkpoint of one training; ``data`` is the digest of its data."""
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ConfigError(f"checkpoint_every: expected a positive int, got {every!r}")
+        init = None if init_params is None else hashlib.sha256(
+            serialization.to_bytes(jax.tree.map(np.asarray, init_params))).hexdigest()
+        identity = {
+            "config": _digest(config.to_dict()),
+            "key": _digest(np.asarray(jax.random.key_data(key))),
+            "data": data,
+            "flow": _digest([flow.config.to_dict(), flow.standardization.to_dict()]),
+            "prior": _digest(None if prior is None else prior.to_dict()),
+            "init_params": _digest(init),
+        }
+        return cls(Path(path), identity, every)
+
+    def save(self, state: _TrainState) -> None:
+        from sbi_engine import __version__
+
+        blob = serialization.to_bytes(state.to_tree())
+        header = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "engine_version": __version__,
+            "identity": self.identity,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            # For people and tools; loading reads the state.
+            "epochs": len(state.train_loss),
+            "best_epoch": state.best_epoch,
+            "best_val_loss": state.best_val,
+            "stop": state.stop or None,
+        }
+        line = json.dumps(jsonable(header, nan_to_none=True), sort_keys=True).encode()
+        atomic_write_bytes(self.path, line + b"\n" + blob)
+
+    def load(self, template: _TrainState) -> _TrainState | None:
+        """The saved state (shaped as ``template``), or ``None`` when there is none yet.
+
+        Raises:
+            ConfigError: the checkpoint is another training's (the differing parts named).
+            CheckpointError: it is truncated, corrupted, or of another format version.
+        """
+        where = f"checkpoint {self.path}"
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise CheckpointError(f"{where}: cannot be read ({err}); {_REMOVE}") from None
+        head, _, blob = raw.partition(b"\n")
+        try:
+            header = json.loads(head)
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{where}: not an NPE training checkpoint; {_REMOVE}")
+        if header.get("format_version") != CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"{where}: format version {header.get('format_version')!r} written by engine "
+                f"{header.get('engine_version')!r}; this engine reads version "
+                f"{CHECKPOINT_VERSION}; {_REMOVE}")
+        found = header.get("identity") if isinstance(header.get("identity"), dict) else {}
+        differ = [k for k, v in self.identity.items() if found.get(k) != v]
+        if differ:
+            raise ConfigError(f"{where}: written for a different training (different "
+                              f"{', '.join(differ)}); {_REMOVE}")
+        if hashlib.sha256(blob).hexdigest() != header.get("sha256"):
+            raise CheckpointError(f"{where}: the saved state does not match its checksum "
+                                  f"(truncated or corrupted); {_REMOVE}")
+        try:
+            tree = serialization.from_bytes(template.to_tree(), blob)
+            state = _TrainState(**{**tree, "train_loss": tree["train_loss"].tolist(),
+                                   "val_loss": tree["val_loss"].tolist()})
+            ok = (all(_same_leaves(getattr(state, f), getattr(template, f))
+                      for f in ("params", "opt_state", "best_params"))
+                  and (state.stop != "" or state.epoch == len(state.train_loss)))
+        except Exception as err:  # noqa: BLE001 - msgpack and flax raise many types
+            raise CheckpointError(f"{where}: the saved state is unreadable "
+                                  f"({type(err).__name__}); {_REMOVE}") from None
+        if not ok:
+            raise CheckpointError(f"{where}: the saved state does not fit this flow; {_REMOVE}")
+        return state
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a finished training's checkpoint and the temporary files of writes that
+    were killed midway (``.NAME.*.tmp`` beside it); call it when no training uses it."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
 def train_npe(
     key: jax.Array,
     theta: Any,
@@ -291,6 +504,8 @@ def train_npe(
     init_params: Any = None,
     flow: ConditionalFlow | None = None,
     callback: Callable[[int, float, float], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
 ) -> TrainResult:
     """Train NPE on simulated pairs.
 
@@ -304,16 +519,29 @@ def train_npe(
         progress: show a progress bar (epoch, train/validation loss).
         init_params: start from these flow parameters (e.g. a previous round's).
         flow: reuse this built flow (and its standardisation) instead of fitting a new one.
-        callback: ``callback(epoch, train_loss, val_loss)`` after every epoch.
+        callback: ``callback(epoch, train_loss, val_loss)`` after every epoch (after
+            the epoch's checkpoint; epochs taken from a checkpoint are not replayed).
+        checkpoint: a file holding the training state, written atomically every
+            ``checkpoint_every`` epochs and when training stops. If it exists, training
+            resumes from it, with the result an uninterrupted run would give; if it
+            records a finished training, that result is returned without training.
+        checkpoint_every: epochs between checkpoint writes.
 
     Returns:
         A :class:`TrainResult` holding the posterior with the best validation weights.
 
     Raises:
-        ShapeError: bad shapes, or fewer than 2 usable rows.
+        ShapeError: bad shapes, fewer than 2 usable rows, or no epoch with a finite
+            validation loss.
+        ConfigError: ``checkpoint`` was written by a different training.
+        CheckpointError: ``checkpoint`` is truncated or corrupted.
+
+    Warns:
+        RuntimeWarning: a loss became non-finite; training stopped (``diverged_at``).
     """
     config = config or NPEConfig()
     theta, x = _check_training_data(theta, x)
+    data_digest = None if checkpoint is None else _array_digest(theta, x)
     keep = _finite_rows(theta, x)
     excluded = int((~keep).sum())
     theta, x = theta[keep], x[keep]
@@ -329,6 +557,9 @@ def train_npe(
     if flow is None:
         flow = build_flow_from_data(config.flow, theta_tr, x_tr, prior=prior)
     params = init_params if init_params is not None else flow.init(k_init)
+    ckpt = None if checkpoint is None else _Checkpoint.create(
+        checkpoint, checkpoint_every, key=key, config=config, flow=flow, prior=prior,
+        data=data_digest, init_params=init_params)
     if theta_tr.shape[0] > config.max_device_rows:
         chunks = _stream_chunks(theta_tr.shape[0], config.max_device_rows, config.batch_size)
 
@@ -340,7 +571,7 @@ def train_npe(
         source = (jnp.asarray(theta_tr), jnp.asarray(x_tr))
     return _fit(flow, params, source, theta_val, x_val, k_epochs, config=config, prior=prior,
                 progress=progress, callback=callback, excluded=excluded,
-                num_train=int(n - n_val))
+                num_train=int(n - n_val), checkpoint=ckpt)
 
 
 #: Streamed training data: ``source(epoch_key)`` yields equal-shaped ``(θ, x)`` blocks.
@@ -348,27 +579,38 @@ BlockSource = Callable[[jax.Array], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
 def _fit(flow, params, source, theta_val, x_val, k_epochs, *, config, prior, progress,
-         callback, excluded, num_train) -> TrainResult:
+         callback, excluded, num_train, checkpoint=None) -> TrainResult:
     """The epoch loop with early stopping shared by in-memory and streamed training.
 
     ``source`` is ``(θ, x)`` device arrays held whole, or a :data:`BlockSource`.
+    ``checkpoint`` (a :class:`_Checkpoint`) is resumed from if it exists, and written
+    every ``checkpoint.every`` epochs and when training stops.
     """
     # Strong float32 leaves: a weak-typed leaf would change type after one update and
     # force a second compilation of the epoch function.
     params = jax.tree.map(lambda a: jnp.array(a, dtype=jnp.float32), params)
     runner = _EpochRunner(flow, config)
     opt_state = runner.init_opt_state(params)
+
+    def host(tree):  # copies: the epoch program consumes (donates) its input buffers
+        return jax.tree.map(np.array, tree)
+
+    initial = host(params)
+    st = _TrainState(params=initial, opt_state=host(opt_state), best_params=initial)
+    saved = checkpoint.load(st) if checkpoint is not None else None
+    if saved is not None:
+        st = saved
+        params, opt_state = jax.tree.map(jnp.array, (st.params, st.opt_state))
+    resumed = len(st.train_loss)
     stream = callable(source)
     fold_validation = not stream and theta_val.shape[0] <= _MAX_FOLDED_VALIDATION
-    best = (math.inf, 0, jax.tree.map(np.array, params))
-    train_hist: list[float] = []
-    val_hist: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=config.max_epochs, desc="train NPE", unit="epoch", disable=not progress,
-               dynamic_ncols=True, bar_format="{desc}: {n_fmt} epochs [{elapsed}, "
-               "{rate_fmt}] {postfix}")
+    bar = tqdm(total=config.max_epochs, initial=resumed, desc="train NPE", unit="epoch",
+               disable=not progress or bool(st.stop), dynamic_ncols=True,
+               bar_format="{desc}: {n_fmt} epochs [{elapsed}, {rate_fmt}] {postfix}")
     try:
-        for epoch in range(config.max_epochs):
+        epoch = resumed
+        while not st.stop:
             k_epoch = jax.random.fold_in(k_epochs, epoch)
             if stream:
                 losses = []
@@ -387,31 +629,47 @@ def _fit(flow, params, source, theta_val, x_val, k_epochs, *, config, prior, pro
                 params, opt_state, loss = runner.epoch(params, opt_state, k_epoch, *source)
                 train_loss = float(loss)
                 val_loss = runner.validation(params, theta_val, x_val)
-            train_hist.append(train_loss)
-            val_hist.append(val_loss)
-            if val_loss < best[0]:
-                best = (val_loss, epoch, jax.tree.map(np.array, params))
+            st.train_loss.append(train_loss)
+            st.val_loss.append(val_loss)
+            finite = math.isfinite(train_loss) and math.isfinite(val_loss)
+            if finite and val_loss < st.best_val:
+                st.best_val, st.best_epoch, st.best_params = val_loss, epoch, host(params)
+            if not finite:
+                st.stop, st.diverged_at = "diverged", epoch
+            elif epoch - st.best_epoch >= config.stop_after_epochs:
+                st.stop = "early_stop"
+            elif epoch + 1 == config.max_epochs:
+                st.stop = "max_epochs"
+            if checkpoint is not None and (st.stop or (epoch + 1) % checkpoint.every == 0):
+                if finite:  # after a divergence, keep the last state written
+                    st.params, st.opt_state, st.epoch = host(params), host(opt_state), epoch + 1
+                checkpoint.save(st)
             bar.update(1)
             bar.set_postfix_str(f"train {train_loss:.4f}, val {val_loss:.4f}, "
-                                f"best {best[0]:.4f} @ {best[1]}")
+                                f"best {st.best_val:.4f} @ {st.best_epoch}")
             if callback is not None:
                 callback(epoch, train_loss, val_loss)
-            if not math.isfinite(train_loss):
-                break
-            if epoch - best[1] >= config.stop_after_epochs:
-                break
+            epoch += 1
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    if not math.isfinite(best[0]):
-        raise ShapeError("training diverged: the validation loss was never finite "
-                         "(check the data for extreme values, or lower the learning rate)")
-    posterior = Posterior(flow, best[2], prior=prior,
-                          metadata={"npe": config.to_dict(), "best_epoch": best[1],
-                                    "best_val_loss": best[0], "num_train": num_train})
-    return TrainResult(posterior=posterior, train_loss=train_hist, val_loss=val_hist,
-                       best_epoch=best[1], epochs=len(train_hist), excluded=excluded,
-                       seconds=seconds, compilations=runner.traces)
+    if st.diverged_at is not None:
+        e = st.diverged_at
+        what = (f"training diverged at epoch {e} (train loss {st.train_loss[e]:.4g}, "
+                f"validation loss {st.val_loss[e]:.4g})")
+        advice = "lower the learning rate or check the data for extreme values"
+        if not math.isfinite(st.best_val):
+            raise ShapeError(f"{what}: the validation loss was never finite; {advice}")
+        warnings.warn(f"{what}; stopped and kept the weights of epoch {st.best_epoch} "
+                      f"(validation loss {st.best_val:.4f}); {advice}", RuntimeWarning,
+                      stacklevel=3)
+    posterior = Posterior(flow, st.best_params, prior=prior,
+                          metadata={"npe": config.to_dict(), "best_epoch": st.best_epoch,
+                                    "best_val_loss": st.best_val, "num_train": num_train})
+    return TrainResult(posterior=posterior, train_loss=st.train_loss, val_loss=st.val_loss,
+                       best_epoch=st.best_epoch, epochs=len(st.train_loss), excluded=excluded,
+                       seconds=seconds, compilations=runner.traces, resumed_from=resumed,
+                       diverged_at=st.diverged_at)
 
 
 def train_npe_from_dataset(
@@ -423,6 +681,8 @@ def train_npe_from_dataset(
     progress: bool = True,
     callback: Callable[[int, float, float], None] | None = None,
     memory_rows: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
 ) -> TrainResult:
     """Train NPE on a simulated dataset in the store, streaming it if it is large.
 
@@ -447,13 +707,16 @@ def train_npe_from_dataset(
         progress: show a progress bar.
         callback: ``callback(epoch, train_loss, val_loss)`` after every epoch.
         memory_rows: most rows held in memory at once (and rows per streamed block).
+        checkpoint, checkpoint_every: resume from / write a checkpoint, as
+            :func:`train_npe`.
 
     Returns:
         A :class:`TrainResult`, as :func:`train_npe`.
 
     Raises:
         DatasetError: the dataset is missing, incomplete or a chunk is corrupted.
-        ShapeError: too few valid rows to train.
+        ShapeError: too few valid rows to train, or no finite validation loss.
+        ConfigError, CheckpointError: as :func:`train_npe`.
     """
     from sbi_engine.priors import prior_from_dict
     from sbi_engine.store import Dataset, load_dataset
@@ -469,7 +732,8 @@ def train_npe_from_dataset(
                           f"got {memory_rows}")
     if len(dataset) <= memory_rows:
         return train_npe(key, dataset.theta, dataset.x, config=config, prior=prior,
-                         progress=progress, callback=callback)
+                         progress=progress, callback=callback, checkpoint=checkpoint,
+                         checkpoint_every=checkpoint_every)
 
     k_split, k_init, k_epochs = jax.random.split(key, 3)
 
@@ -516,9 +780,13 @@ def train_npe_from_dataset(
                 yield theta_all[:block], x_all[:block]
                 theta_buf, x_buf, held = [theta_all[block:]], [x_all[block:]], held - block
 
+    ckpt = None if checkpoint is None else _Checkpoint.create(
+        checkpoint, checkpoint_every, key=key, config=config, flow=flow, prior=prior,
+        data=_digest({"chunk_sha256": dataset.manifest.get("chunk_sha256"), "num": len(dataset),
+                      "memory_rows": memory_rows}))
     return _fit(flow, flow.init(k_init), source, jnp.asarray(theta_val), jnp.asarray(x_val),
                 k_epochs, config=config, prior=prior, progress=progress, callback=callback,
-                excluded=excluded, num_train=n_train)
+                excluded=excluded, num_train=n_train, checkpoint=ckpt)
 
 
 def _stream_chunks(n: int, max_rows: int, batch: int) -> list[tuple[int, int]]:
