@@ -36,10 +36,13 @@ Running a point (:func:`run_point`) writes a *run directory*::
     run.log                       the log of every attempt
     stages/*.json                 one record per completed stage (the resume points)
     data/ models/ plots/ ...      datasets (zarr), saved models, PNG figures
+    checkpoints/                  training state of a stage in progress (removed after)
 
 A run is a list of *stages* (simulate, train, evaluate, study, report); each writes its
 outputs atomically and then its record, so an interrupted run (Ctrl-C, ``kill -9``)
-resumes from its completed stages when the same command is run again. Every stage
+resumes from its completed stages when the same command is run again; inside the
+train and study stages it resumes from the last epoch or training step. Stages write
+through :meth:`RunContext.path`, which refuses paths that leave the run directory. Every stage
 takes its randomness from the seed (``jax.random.PRNGKey(seed)`` and integer seeds)
 and reads its inputs from files written by earlier stages, so a resumed run ends with
 the metrics of an uninterrupted one, and the same config and seed give the same
