@@ -280,8 +280,10 @@ def simulate_features(key: jax.Array, theta, *, noise_std: float = 0.001,
     theta = arr.astype(np.float64)
     if theta.ndim == 1:
         theta = theta[None]
-    if theta.ndim != 2 or theta.shape[1] != 31 or theta.shape[0] == 0:
-        raise ShapeError(f"theta: expected shape (n, 31) with n >= 1, got {arr.shape}")
+    if theta.ndim != 2 or theta.shape[1] != 31:
+        raise ShapeError(f"theta: expected shape (n, 31), got {arr.shape}")
+    if theta.shape[0] == 0:
+        raise ShapeError("theta: expected at least one row, got shape (0, 31)")
     bad = np.argwhere(~np.isfinite(theta))
     if bad.size:
         raise ShapeError(f"theta: row {bad[0][0]}, column {bad[0][1]} is "
