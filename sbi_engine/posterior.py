@@ -363,7 +363,10 @@ class Posterior(BasePosterior):
             raise PosteriorFileError(f"model {path}: params.msgpack is corrupted "
                                      f"({type(err).__name__})") from None
         try:
-            config = FlowConfig.from_dict(header["flow"])
+            flow_spec = dict(header["flow"])
+            # written before FlowConfig.maf_scale existed: the MAF scale was then this one
+            flow_spec.setdefault("maf_scale", "unit_softplus")
+            config = FlowConfig.from_dict(flow_spec)
             theta_dim = int(header["theta_dim"])
             check_weight_sizes([np.shape(a) for a in jax.tree.leaves(state)],
                                {"flow.hidden": config.hidden, "theta_dim": theta_dim},

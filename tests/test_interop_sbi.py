@@ -125,6 +125,7 @@ def test_flow_config_maps_to_posterior_nn():
     for bad, field in [(dict(z_score_theta="transform_to_unconstrained"), "z_score_theta"),
                        (dict(embedding=MLPEmbedding()), "embedding"),
                        (dict(permutation="reverse"), "permutation"),
+                       (dict(maf_scale="unit_softplus"), "maf_scale"),
                        (dict(kind="nsf", min_derivative=1e-2), "min_derivative")]:
         with pytest.raises(ConfigError, match=field):
             _posterior_nn_kwargs(FlowConfig(**bad))

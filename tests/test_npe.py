@@ -79,6 +79,29 @@ def test_bad_observations_are_named(trained, x, match):
         trained.posterior.sample(jax.random.PRNGKey(0), 10, x)
 
 
+def test_a_maf_file_from_before_maf_scale_loads_with_its_own_scale(trained, tmp_path):
+    """Files written before FlowConfig.maf_scale existed used the identity-at-0 scale."""
+    import dataclasses
+
+    from sbi_engine.flows import build_flow
+
+    post = trained.posterior
+    legacy_flow = build_flow(dataclasses.replace(post.flow.config, maf_scale="unit_softplus"),
+                             theta_dim=2, x_shape=post.x_shape,
+                             standardization=post.flow.standardization)
+    legacy = Posterior(legacy_flow, post.params, prior=post.prior)
+    path = legacy.save(tmp_path / "legacy")
+    header = json.loads((path / "posterior.json").read_text())
+    del header["flow"]["maf_scale"], header["header_sha256"]  # as the old engine wrote it
+    (path / "posterior.json").write_text(json.dumps(header))
+    loaded = Posterior.load(path)
+    assert loaded.flow.config.maf_scale == "unit_softplus"
+    theta = np.array([[0.1, -0.2], [1.0, 0.5]], np.float32)
+    x_o = np.array([0.3, 0.1], np.float32)
+    np.testing.assert_array_equal(loaded.log_prob(theta, x_o), legacy.log_prob(theta, x_o))
+    assert not np.allclose(post.log_prob(theta, x_o), legacy.log_prob(theta, x_o))
+
+
 def test_save_load_round_trip_and_bad_files(trained, tmp_path):
     path = trained.posterior.save(tmp_path / "model")
     loaded = Posterior.load(path)

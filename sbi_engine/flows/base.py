@@ -92,6 +92,11 @@ class FlowConfig:
             independent z-score of the unconstrained training ``θ``).
         z_score_x: ``"independent"``, ``"structured"`` (one mean/std for all of ``x``,
             for raw time series) or ``"none"``.
+        maf_scale: the MAF layers' scale ``s(a)`` of the MADE output ``a``:
+            ``"softplus"`` = ``softplus(a) + 1e-3`` (nflows, so sbi's ``build_maf``), or
+            ``"unit_softplus"`` = ``softplus(a + softplus⁻¹(1 - 1e-3)) + 1e-3``, the
+            identity at ``a = 0`` (the engine's MAF before this option; model files
+            written then load with it).
     """
 
     kind: Literal["maf", "nsf", "nsf_ar"] = "maf"
@@ -110,6 +115,7 @@ class FlowConfig:
         "independent"
     )
     z_score_x: Literal["independent", "structured", "none"] = "independent"
+    maf_scale: Literal["softplus", "unit_softplus"] = "softplus"
 
     def __post_init__(self) -> None:
         if self.kind not in FLOW_KINDS:
@@ -145,6 +151,9 @@ class FlowConfig:
             raise ConfigError(
                 f"flow z_score_x: got {self.z_score_x!r}, expected one of {_Z_SCORE_X}"
             )
+        if self.maf_scale not in ("softplus", "unit_softplus"):
+            raise ConfigError(f"flow maf_scale: got {self.maf_scale!r}, expected 'softplus' "
+                              "or 'unit_softplus'")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/TOML-serialisable dict, inverted by :meth:`from_dict`."""

@@ -329,6 +329,9 @@ def _posterior_nn_kwargs(flow: FlowConfig) -> dict[str, Any]:
         raise ConfigError("flow z_score_theta: 'transform_to_unconstrained' is not supported "
                           "by sbi's nflows estimators; use 'independent', 'structured' or "
                           "'none', or the JAX backend")
+    if flow.kind == "maf" and flow.maf_scale != "softplus":
+        raise ConfigError(f"flow maf_scale: sbi's MAF uses softplus(a) + 1e-3, got "
+                          f"{flow.maf_scale!r}; use maf_scale='softplus'")
     if flow.permutation != "random":
         raise ConfigError(f"flow permutation: sbi's flows use random permutations, got "
                           f"{flow.permutation!r}; use permutation='random'")
