@@ -14,6 +14,7 @@ Usage::
     python experiments/bench_npe.py --num 100000 --json results/npe_100k.json
     python experiments/bench_npe.py --tsnpe               # + TSNPE on slcp (2 x 5k)
     ... --tsnpe --tsnpe-rounds 5 --tasks --observations 1  # TSNPE only, 5 x 2k
+    ... --tsnpe --sbi-tsnpe --tasks --observations 1 2 3   # ours and sbi's TSNPE
 
 Prints a table (train wall time, epochs, s/epoch, sbi/ours ratio, mean C2ST) and
 writes it as JSON with ``--json``.
@@ -60,6 +61,36 @@ def run_method(method, est, key, theta, x, prior, config, seed):
     return train_sbi(theta, x, prior=prior, config=config, seed=seed, progress=False)
 
 
+def sbi_tsnpe(sim, x_o, rounds, per_round, config, seed):
+    """sbi 0.27's own TSNPE (Deistler et al. 2022, as in sbi's tutorial) on the engine's
+    simulator: NPE with force_first_round_loss, proposal = the prior restricted by
+    get_density_thresholder(quantile=1e-4). Returns sbi's posterior at ``x_o``."""
+    import torch
+    from sbi.inference import NPE
+    from sbi.neural_nets import posterior_nn
+    from sbi.utils import RestrictedPrior, get_density_thresholder
+
+    from sbi_engine.interop.sbi import _posterior_nn_kwargs, to_sbi_prior
+
+    torch.manual_seed(seed)
+    prior = to_sbi_prior(sim.prior)
+    inference = NPE(prior=prior, density_estimator=posterior_nn(
+        **_posterior_nn_kwargs(config.flow)), show_progress_bars=False)
+    proposal, x_t = prior, torch.as_tensor(np.asarray(x_o, np.float32))[None]
+    for r in range(rounds):
+        theta = proposal.sample((per_round,))
+        x = sim.simulate(jax.random.fold_in(jax.random.PRNGKey(seed), r),
+                         np.asarray(theta, np.float32))
+        inference.append_simulations(theta, torch.as_tensor(np.asarray(x, np.float32)))
+        inference.train(force_first_round_loss=True, training_batch_size=config.batch_size,
+                        learning_rate=config.learning_rate,
+                        stop_after_epochs=config.stop_after_epochs)
+        posterior = inference.build_posterior().set_default_x(x_t)
+        proposal = RestrictedPrior(prior, get_density_thresholder(posterior, quantile=1e-4),
+                                   sample_with="rejection")
+    return posterior
+
+
 def write_json(path, rows):
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -87,6 +118,8 @@ def main() -> None:
     parser.add_argument("--c2st-samples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tsnpe", action="store_true", help="also TSNPE on slcp")
+    parser.add_argument("--sbi-tsnpe", action="store_true",
+                        help="with --tsnpe: also sbi's own TSNPE on the same budget")
     parser.add_argument("--tsnpe-rounds", type=int, default=2,
                         help="TSNPE rounds; --num is split evenly between them (default 2)")
     parser.add_argument("--threads-all", action="store_true",
@@ -147,6 +180,20 @@ def main() -> None:
                          "train_seconds": time.perf_counter() - t0})
             print(f"  slcp TSNPE obs {k}: C2ST {c:.3f}", flush=True)
             write_json(args.json, rows)
+            if args.sbi_tsnpe:
+                t0 = time.perf_counter()
+                post = sbi_tsnpe(sim, mod.observation(k), args.tsnpe_rounds,
+                                 args.num // args.tsnpe_rounds, NPEConfig.for_estimator("nsf"),
+                                 args.seed + k)
+                wall = time.perf_counter() - t0
+                samples = post.sample((args.c2st_samples,), show_progress_bars=False).numpy()
+                ref = mod.reference_posterior_samples(k)[:args.c2st_samples]
+                c = c2st_sbibm(ref, samples, seed=args.seed)
+                rows.append({"task": "slcp", "method": "sbi-tsnpe", "estimator": "nsf",
+                             "num": args.num, "rounds": args.tsnpe_rounds, "observation": k,
+                             "c2st_mean": c, "train_seconds": wall})
+                print(f"  slcp sbi TSNPE obs {k}: C2ST {c:.3f} ({wall:.0f} s)", flush=True)
+                write_json(args.json, rows)
 
     print()
     header = (f"{'task':<17}{'method':<11}{'train s':>9}{'epochs':>8}{'s/epoch':>9}"
@@ -154,7 +201,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        if r["method"] == "ours-tsnpe":
+        if r["method"].endswith("-tsnpe"):
             continue
         ratio = ""
         if r["method"] == "ours":
@@ -168,10 +215,11 @@ def main() -> None:
         print(f"{r['task']:<17}{r['method'] + ':' + r['estimator']:<11}"
               f"{r['train_seconds']:>9.1f}{r['epochs']:>8d}{r['seconds_per_epoch']:>9.3f}"
               f"{ratio:>10}{r['c2st_mean']:>8.3f}{pub_s:>15}")
-    ts = [r["c2st_mean"] for r in rows if r["method"] == "ours-tsnpe"]
-    if ts:
-        print(f"slcp TSNPE ({args.tsnpe_rounds} rounds, {args.num:,} total): mean C2ST "
-              f"{np.mean(ts):.3f} (published SNPE at 10k: 0.845)")
+    for who in ("ours", "sbi"):
+        ts = [r["c2st_mean"] for r in rows if r["method"] == f"{who}-tsnpe"]
+        if ts:
+            print(f"slcp TSNPE, {who} ({args.tsnpe_rounds} rounds, {args.num:,} total): mean "
+                  f"C2ST {np.mean(ts):.3f} (published SNPE at 10k: 0.845)")
     write_json(args.json, rows)
 
 
