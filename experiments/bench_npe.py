@@ -70,12 +70,13 @@ def sbi_tsnpe(sim, x_o, rounds, per_round, config, seed):
     from sbi.neural_nets import posterior_nn
     from sbi.utils import RestrictedPrior, get_density_thresholder
 
-    from sbi_engine.interop.sbi import _posterior_nn_kwargs, to_sbi_prior
+    from sbi_engine.interop.sbi import _NullTracker, _posterior_nn_kwargs, to_sbi_prior
 
     torch.manual_seed(seed)
     prior = to_sbi_prior(sim.prior)
     inference = NPE(prior=prior, density_estimator=posterior_nn(
-        **_posterior_nn_kwargs(config.flow)), show_progress_bars=False)
+        **_posterior_nn_kwargs(config.flow)), show_progress_bars=False,
+        tracker=_NullTracker())  # no sbi-logs/ directory in the working tree
     proposal, x_t = prior, torch.as_tensor(np.asarray(x_o, np.float32))[None]
     for r in range(rounds):
         theta = proposal.sample((per_round,))
