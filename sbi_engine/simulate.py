@@ -297,10 +297,11 @@ def simulate(
         if not isinstance(sim, BlackBoxSimulator):
             raise ConfigError(f"timeout: {sim.name!r} is a JAX simulator; a timeout applies "
                               "to black-box simulators")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.number)) \
-                or not np.isfinite(timeout) or timeout <= 0:
-            raise ConfigError(f"timeout: expected a positive number of seconds, got {timeout!r}")
-        timeout = float(timeout)
+    # Workers start on first use; building the pool here checks timeout before any work.
+    pool = None
+    if (scheduler is None and isinstance(sim, BlackBoxSimulator)
+            and ((workers or 1) > 1 or timeout is not None)):
+        pool = sim.worker_pool(workers or 1, timeout)
     if scheduler is not None and out is None:
         raise ConfigError("out: a run with a scheduler writes a dataset; give out=PATH")
     sharding = None
@@ -336,10 +337,6 @@ def simulate(
 
     report = SimulationReport()
     parts: dict[int, dict] = {}
-    pool = None
-    if (scheduler is None and isinstance(sim, BlackBoxSimulator) and todo
-            and ((workers or 1) > 1 or timeout is not None)):
-        pool = sim.worker_pool(workers or 1, timeout)
     done_rows = num - sum(min(chunk, num - i * chunk) for i in todo)
     bar = tqdm(total=num, initial=done_rows, unit="sim", unit_scale=True, delay=2.0,
                disable=not progress, desc=f"simulate {sim.name}", dynamic_ncols=True)

@@ -190,13 +190,15 @@ class WorkerPool:
 
     def __init__(self, fn: SimulatorFn, *, batched: bool, dim_x: int, workers: int = 1,
                  timeout: float | None = None):
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
             raise ValueError(f"workers: expected an integer >= 1, got {workers!r}")
-        if timeout is not None and not (isinstance(timeout, (int, float))
-                                        and math.isfinite(timeout) and timeout > 0):
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float, np.number))
+                                    or not math.isfinite(timeout) or timeout <= 0):
             raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
         self.fn, self.batched, self.dim_x = fn, batched, dim_x
-        self.workers, self.timeout = workers, timeout
+        self.workers = int(workers)
+        self.timeout = None if timeout is None else float(timeout)
         self._ctx = multiprocessing.get_context("spawn")
         self._idle: list[_Worker] = []
         self.restarts = 0  #: workers replaced after a timeout or a death
