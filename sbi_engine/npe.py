@@ -76,7 +76,7 @@ from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.flows import ConditionalFlow, FlowConfig, build_flow_from_data
 from sbi_engine.posterior import Posterior, PosteriorFileError
 from sbi_engine.priors import Prior
-from sbi_engine.store import atomic_write_bytes, jsonable
+from sbi_engine.store import atomic_write_bytes, json_sha256, jsonable
 
 __all__ = [
     "CheckpointError",
@@ -360,11 +360,6 @@ class _TrainState:
         return tree
 
 
-def _digest(obj: Any) -> str:
-    """sha256 of ``obj`` as canonical JSON (arrays as lists)."""
-    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()
-
-
 def _array_digest(*arrays: np.ndarray) -> str:
     """sha256 of the arrays' dtypes, shapes and bytes."""
     h = hashlib.sha256()
@@ -407,12 +402,12 @@ class _Checkpoint:
         init = None if init_params is None else hashlib.sha256(
             serialization.to_bytes(jax.tree.map(np.asarray, init_params))).hexdigest()
         identity = {
-            "config": _digest(config.to_dict()),
-            "key": _digest(np.asarray(jax.random.key_data(key))),
+            "config": json_sha256(config.to_dict()),
+            "key": json_sha256(np.asarray(jax.random.key_data(key))),
             "data": data,
-            "flow": _digest([flow.config.to_dict(), flow.standardization.to_dict()]),
-            "prior": _digest(None if prior is None else prior.to_dict()),
-            "init_params": _digest(init),
+            "flow": json_sha256([flow.config.to_dict(), flow.standardization.to_dict()]),
+            "prior": json_sha256(None if prior is None else prior.to_dict()),
+            "init_params": json_sha256(init),
         }
         return cls(Path(path), identity, every)
 
@@ -782,8 +777,8 @@ def train_npe_from_dataset(
 
     ckpt = None if checkpoint is None else _Checkpoint.create(
         checkpoint, checkpoint_every, key=key, config=config, flow=flow, prior=prior,
-        data=_digest({"chunk_sha256": dataset.manifest.get("chunk_sha256"), "num": len(dataset),
-                      "memory_rows": memory_rows}))
+        data=json_sha256({"chunk_sha256": dataset.manifest.get("chunk_sha256"),
+                          "num": len(dataset), "memory_rows": memory_rows}))
     return _fit(flow, flow.init(k_init), source, jnp.asarray(theta_val), jnp.asarray(x_val),
                 k_epochs, config=config, prior=prior, progress=progress, callback=callback,
                 excluded=excluded, num_train=n_train, checkpoint=ckpt)

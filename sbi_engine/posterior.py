@@ -35,7 +35,7 @@ from flax import serialization
 from sbi_engine.errors import SbiEngineError, ShapeError
 from sbi_engine.flows import ConditionalFlow, FlowConfig, Standardization, build_flow
 from sbi_engine.priors import Prior, prior_from_dict
-from sbi_engine.store import atomic_write_dir, jsonable
+from sbi_engine.store import atomic_write_dir, json_sha256, jsonable
 
 __all__ = [
     "BasePosterior",
@@ -431,9 +431,7 @@ _UNSEALED = ("metadata", "header_sha256")
 
 
 def _header_digest(header: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in header.items() if k not in _UNSEALED}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                     allow_nan=False).encode()).hexdigest()
+    return json_sha256({k: v for k, v in header.items() if k not in _UNSEALED})
 
 
 def seal_header(header: dict[str, Any]) -> dict[str, Any]:
@@ -478,11 +476,7 @@ def read_model_header(path: Path, fmt: str, version: int, weights: str, writer: 
                     f"{found_header.get('engine_version')!r}; this engine reads version "
                     f"{version}")
     digest = found_header.get("header_sha256")  # absent in files written before it was added
-    try:
-        intact = digest is None or digest == _header_digest(found_header)
-    except ValueError:  # NaN/inf numbers, which the writer never produces
-        intact = False
-    if not intact:
+    if digest is not None and digest != _header_digest(found_header):
         raise error(f"{what} {path}: {header} does not match its header_sha256 (a corrupted "
                     "file, or an edit outside 'metadata')")
     return found_header

@@ -133,6 +133,13 @@ def jsonable(obj: Any, *, nan_to_none: bool = False) -> Any:
     return obj
 
 
+def json_sha256(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON (:func:`jsonable`, sorted keys, no spaces): the
+    identity of a config or a header, equal for equal content however it was built."""
+    text = json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 

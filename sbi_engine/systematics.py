@@ -98,6 +98,7 @@ from sbi_engine.classify import (
 from sbi_engine.errors import ConfigError, SbiEngineError
 from sbi_engine.events import EventGenerator, get_generator, make_dataset, process_ids
 from sbi_engine.significance import threshold_scan
+from sbi_engine.store import json_sha256
 
 __all__ = [
     "DESIGNS",
@@ -740,12 +741,6 @@ CHECKPOINT_VERSION = 1
 _STUDY, _STEP, _PARAMS = "study.json", "step.json", "params.msgpack"
 
 
-def _identity(config: SystematicsConfig) -> str:
-    """sha256 of the config's canonical JSON: the study a checkpoint belongs to."""
-    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 class _Checkpoint:
     """The trained steps of one study under ``root`` (see the module docstring).
 
@@ -755,7 +750,7 @@ class _Checkpoint:
 
     def __init__(self, root: str | os.PathLike, config: SystematicsConfig):
         self.root = Path(root)
-        self.identity = _identity(config)
+        self.identity = json_sha256(config.to_dict())
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"checkpoint: {self.root} exists and is not a directory")
         study = self.root / _STUDY
