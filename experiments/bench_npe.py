@@ -12,6 +12,7 @@ Usage::
     python experiments/bench_npe.py                       # 10k simulations, all tasks
     python experiments/bench_npe.py --num 1000 --tasks two_moons slcp --observations 1 2
     python experiments/bench_npe.py --num 100000 --json results/npe_100k.json
+    python experiments/bench_npe.py --c2st-jobs 2         # the C2STs on two processes
     python experiments/bench_npe.py --tsnpe               # + TSNPE on slcp (2 x 5k)
     ... --tsnpe --tsnpe-rounds 5 --tasks --observations 1  # TSNPE only, 5 x 2k
     ... --tsnpe --sbi-tsnpe --tasks --observations 1 2 3   # ours and sbi's TSNPE
@@ -98,14 +99,40 @@ def write_json(path, rows):
         atomic_write_bytes(path, json.dumps(rows, indent=1).encode())
 
 
-def score(posterior, task_mod, observations, n_samples, seed):
-    scores = []
+def draw(posterior, task_mod, observations, n_samples):
+    """``(reference, samples)`` per observation for the C2ST."""
+    pairs = []
     for k in observations:
         x_o = task_mod.observation(k)
         ref = task_mod.reference_posterior_samples(k)[:n_samples]
-        s = posterior.sample(jax.random.PRNGKey(1000 + k), n_samples, x_o)
-        scores.append(c2st_sbibm(ref, s, seed=seed))
-    return scores
+        pairs.append((ref, np.asarray(posterior.sample(jax.random.PRNGKey(1000 + k),
+                                                       n_samples, x_o))))
+    return pairs
+
+
+def _c2st_one_thread(ref, samples, seed):
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # one BLAS thread per worker process
+        return c2st_sbibm(ref, samples, seed=seed)
+
+
+def c2st_all(pairs, seed, jobs):
+    """sbibm C2ST of every ``(reference, samples)`` pair; ``jobs > 1`` runs them in that
+    many processes (each C2ST is deterministic, so the numbers do not change)."""
+    if jobs <= 1:
+        return [c2st_sbibm(ref, s, seed=seed) for ref, s in pairs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_c2st_one_thread, ref, s, seed) for ref, s in pairs]
+        return [f.result() for f in futures]
+
+
+def score(posterior, task_mod, observations, n_samples, seed, jobs=1):
+    return c2st_all(draw(posterior, task_mod, observations, n_samples), seed, jobs)
 
 
 def main() -> None:
@@ -125,6 +152,9 @@ def main() -> None:
                         help="TSNPE rounds; --num is split evenly between them (default 2)")
     parser.add_argument("--threads-all", action="store_true",
                         help="let torch and XLA use every core (default: one thread each)")
+    parser.add_argument("--c2st-jobs", type=int, default=1,
+                        help="processes for the sbibm C2STs, run after a task's trainings "
+                             "so they never overlap a timed training (default 1)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
 
@@ -145,22 +175,30 @@ def main() -> None:
         sim = get_simulator(task)
         mod = importlib.import_module(f"simulators.benchmarks.{task}")
         data = simulate(sim, args.num, args.seed, progress=False)
-        for spec in args.methods:
+        trained = []
+        for spec in args.methods:  # the timed trainings, back to back
             method, est = spec.split(":")
             config = NPEConfig.for_estimator(est)
             t0 = time.perf_counter()
             result = run_method(method, est, jax.random.PRNGKey(args.seed), data.theta,
                                 data.x, sim.prior, config, args.seed)
             wall = time.perf_counter() - t0
-            scores = score(result.posterior, mod, args.observations, args.c2st_samples,
-                           args.seed)
             s = result.summary()
+            print(f"  {task:<17} {spec:<9} {wall:8.1f} s  {s['epochs']:4d} epochs", flush=True)
+            trained.append((spec, method, est, wall, s["epochs"],
+                            draw(result.posterior, mod, args.observations, args.c2st_samples)))
+        # Then the C2STs of the whole task (in parallel with --c2st-jobs).
+        pairs = [p for *_, ps in trained for p in ps]
+        flat = iter(c2st_all(pairs, args.seed, args.c2st_jobs))
+        for spec, method, est, wall, epochs, ps in trained:
+            scores = [next(flat) for _ in ps]
             row = {"task": task, "method": method, "estimator": est, "num": args.num,
-                   "train_seconds": wall, "epochs": s["epochs"],
-                   "seconds_per_epoch": wall / max(s["epochs"], 1),
+                   "train_seconds": wall, "epochs": epochs,
+                   "seconds_per_epoch": wall / max(epochs, 1),
+                   "observations": list(args.observations),
                    "c2st": scores, "c2st_mean": float(np.mean(scores))}
             rows.append(row)
-            print(f"  {task:<17} {spec:<9} {wall:8.1f} s  {s['epochs']:4d} epochs  "
+            print(f"  {task:<17} {spec:<9} {wall:8.1f} s  {epochs:4d} epochs  "
                   f"{row['seconds_per_epoch']:.3f} s/epoch  C2ST {row['c2st_mean']:.3f}",
                   flush=True)
             write_json(args.json, rows)  # after every row: a long run keeps what it did
@@ -174,7 +212,7 @@ def main() -> None:
                                   rounds=args.tsnpe_rounds,
                                   simulations_per_round=args.num // args.tsnpe_rounds,
                                   config=NPEConfig.for_estimator("nsf"), progress=False)
-            c = score(post, mod, [k], args.c2st_samples, args.seed)[0]
+            c = score(post, mod, [k], args.c2st_samples, args.seed, args.c2st_jobs)[0]
             rows.append({"task": "slcp", "method": "ours-tsnpe", "estimator": "nsf",
                          "num": args.num, "rounds": args.tsnpe_rounds, "observation": k,
                          "c2st_mean": c,

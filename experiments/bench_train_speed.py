@@ -3,7 +3,10 @@
 Same data, same architecture (hidden 50, 5 transforms, 10 bins) and same training
 defaults (Adam 5e-4, batch 200, clip 5, 10 % validation, patience 20) for both; torch
 on one thread, XLA on one CPU thread. For every flow kind, in one process and
-alternating (ours, sbi, ours, sbi, ... with ``--repeats``), it records:
+alternating (ours, sbi, ours, sbi, ... with ``--repeats``; repeat ``r`` trains both
+sides with seed ``seed + r``, and with several repeats the summary's whole-training
+ratio is summed sbi wall time over summed ours, since the epoch count to early stopping
+varies with the seed), it records:
 
 - ``startup``: our time to the end of the first epoch minus a steady epoch: fitting
   the standardisation, initialising, tracing and compiling (mostly XLA compilation);
@@ -119,7 +122,10 @@ def main() -> None:
         for kind in args.kinds:
             methods = [("ours", run_ours)] + ([] if args.no_sbi else [("sbi", run_sbi)])
             for method, fn in methods:
-                r = fn(kind, theta, x, sim.prior, args.max_epochs, args.seed)
+                # Repeat ``rep`` trains with seed ``seed + rep`` on both sides (same data):
+                # the epoch count to early stopping varies with the seed, so the fair
+                # whole-training ratio is the ratio of summed wall times over repeats.
+                r = fn(kind, theta, x, sim.prior, args.max_epochs, args.seed + rep)
                 r.update(method=method, kind=kind, repeat=rep)
                 rows.append(r)
                 extra = f"  startup {r['compile']:.1f} s" if method == "ours" else ""
@@ -149,6 +155,15 @@ def main() -> None:
         print(f"{r['kind']:<8}{r['repeat']:>4}{r['compile']:>11.1f}{r['s_per_epoch'] * 1e3:>12.1f}"
               f"{sbi_ep:>11}{ratio_ep:>10}{r['wall']:>11.1f}{sbi_wall:>10}{epochs:>9}"
               f"{ratio_wall:>12}{ratio_cpu:>11}")
+    if not args.no_sbi and args.repeats > 1:
+        print()
+        for kind in args.kinds:
+            ours = [r for r in rows if r["kind"] == kind and r["method"] == "ours"]
+            sbi = [r for r in rows if r["kind"] == kind and r["method"] == "sbi"]
+            wo, ws = sum(r["wall"] for r in ours), sum(r["wall"] for r in sbi)
+            eo, es = sum(r["epochs"] for r in ours), sum(r["epochs"] for r in sbi)
+            print(f"{kind}: over {len(ours)} seeds ours {wo:.1f} s / {eo} epochs, sbi {ws:.1f} s "
+                  f"/ {es} epochs: wall ratio {ws / wo:.1f}x")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
