@@ -10,7 +10,8 @@ estimation"; Kingma et al. 2016 for the inverse direction).
 The architecture follows nflows' ``MADE`` as sbi builds it for ``maf``/``maf_rqs``:
 sequential (non-random) degrees, a masked input layer plus ``act(Linear(c))``,
 ``blocks`` masked feed-forward hidden layers, a masked output layer with
-``multiplier`` outputs per feature, ``tanh`` activations. One deliberate difference:
+``multiplier`` outputs per feature, ``tanh`` activations, weights and biases initialised
+as torch's ``nn.Linear`` (U(±1/sqrt(fan_in))). One deliberate difference:
 hidden degrees run over ``0 .. D-1`` (nflows: ``1 .. D-1``), so degree-0 units see
 only the context and the first feature's transform depends on ``x`` (in nflows it is
 a context-free bias in every layer). With ``D = 1`` every input weight would be
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sbi_engine.flows.base import Block, FlowConfig
-from sbi_engine.flows.embedding import torch_dense_init
+from sbi_engine.flows.embedding import torch_bias_init, torch_dense_init
 
 __all__ = ["MADE", "autoregressive_block", "made_masks", "permutations"]
 
@@ -65,7 +66,7 @@ class MaskedDense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", torch_dense_init, self.mask.shape)
-        bias = self.param("bias", nn.initializers.zeros, self.mask.shape[1:])
+        bias = self.param("bias", torch_bias_init(self.mask.shape[0]), self.mask.shape[1:])
         return x @ (kernel * jnp.asarray(self.mask)) + bias
 
 
@@ -90,7 +91,8 @@ class MADE(nn.Module):
     def __call__(self, y: Array, context: Array) -> Array:
         """Args: y: ``(D,)``; context: ``(C,)``. Returns: ``(D, M)`` autoregressive params."""
         masks = made_masks(self.features, self.hidden, self.blocks, self.multiplier)
-        h = self.activation(nn.Dense(self.hidden, kernel_init=torch_dense_init)(context))
+        h = self.activation(nn.Dense(self.hidden, kernel_init=torch_dense_init,
+                                     bias_init=torch_bias_init(context.shape[-1]))(context))
         if self.features > 1:
             h = h + MaskedDense(masks[0])(y)
         h = self.activation(h)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -26,13 +27,33 @@ import numpy as np
 
 from sbi_engine.errors import ConfigError, ShapeError
 
-__all__ = ["CNNEmbedding", "EmbeddingConfig", "MLPEmbedding", "torch_dense_init"]
+__all__ = ["CNNEmbedding", "EmbeddingConfig", "MLPEmbedding", "torch_bias_init", "torch_dense_init"]
 
 Array = jax.Array
 
 #: PyTorch's ``nn.Linear`` default kernel init, U(±1/sqrt(fan_in)), so our networks
-#: start where the sbi/nflows ones do (biases start at zero instead of uniform).
+#: start where the sbi/nflows ones do. Biases start at zero, except in the MADE
+#: conditioners (:func:`torch_bias_init`).
 torch_dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> Callable[..., Array]:
+    """PyTorch's ``nn.Linear`` default bias init, U(±1/sqrt(fan_in)).
+
+    A flax bias initialiser does not see the layer's input, so the caller passes
+    ``fan_in``. Used by the MADE conditioners (MAF, ``nsf_ar``), as in nflows: on
+    two_moons at 10k simulations the MAF's held-out NLL averages -2.899 over six
+    seeds against -2.857 with zero biases (better on five seeds of six; the seed-to-seed
+    spread is about 0.1). The NSF's residual net keeps zero biases, which did better
+    there: -3.514 against -3.473 with torch's biases, three seeds of three (sbi's own
+    NSF reaches a validation loss of -3.524 on the same data).
+    """
+    bound = 1.0 / np.sqrt(max(int(fan_in), 1))
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 def _positive_int(value: Any, name: str) -> None:
