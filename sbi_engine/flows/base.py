@@ -34,7 +34,7 @@ import numpy as np
 from sbi_engine.errors import ConfigError
 from sbi_engine.flows.embedding import CNNEmbedding, EmbeddingConfig, MLPEmbedding
 
-__all__ = ["FLOW_KINDS", "Block", "FlowConfig"]
+__all__ = ["FLOW_KINDS", "PERMUTATIONS", "Block", "FlowConfig"]
 
 Array = jax.Array
 Params = Any
@@ -43,6 +43,8 @@ Params = Any
 #: coupling layers (sbi's ``"nsf"``), neural spline flow with autoregressive layers
 #: (sbi's ``"maf_rqs"``).
 FLOW_KINDS = ("maf", "nsf", "nsf_ar")
+#: Feature orders between autoregressive layers (``FlowConfig.permutation``).
+PERMUTATIONS = ("random_nonidentity", "random", "reverse")
 
 _Z_SCORE_THETA = ("independent", "structured", "transform_to_unconstrained", "none")
 _Z_SCORE_X = ("independent", "structured", "none")
@@ -82,8 +84,11 @@ class FlowConfig:
         bins: spline bins (sbi ``num_bins=10``).
         tail_bound: splines act on ``[-B, B]``; identity outside (sbi ``tail_bound=3``).
         min_bin_width, min_bin_height, min_derivative: spline floors (nflows 1e-3).
-        permutation: ``"random"`` (sbi) or ``"reverse"`` (Papamakarios et al. 2017)
-            feature order between autoregressive layers.
+        permutation: feature order between autoregressive layers (``maf``, ``nsf_ar``):
+            ``"random_nonidentity"`` (random, never the identity, so consecutive layers
+            never share an order), ``"random"`` (identity allowed, as nflows/sbi draw)
+            or ``"reverse"`` (Papamakarios et al. 2017); see
+            :func:`~sbi_engine.flows.autoregressive.permutations`.
         permutation_seed: seed of the random permutations (fixed at build time, so the
             parameter pytree stays float-only).
         embedding: embedding network for ``x``; ``None`` is the identity (sbi default).
@@ -108,7 +113,7 @@ class FlowConfig:
     min_bin_width: float = 1e-3
     min_bin_height: float = 1e-3
     min_derivative: float = 1e-3
-    permutation: Literal["random", "reverse"] = "random"
+    permutation: Literal["random_nonidentity", "random", "reverse"] = "random_nonidentity"
     permutation_seed: int = 0
     embedding: EmbeddingConfig | None = None
     z_score_theta: Literal["independent", "structured", "transform_to_unconstrained", "none"] = (
@@ -134,9 +139,9 @@ class FlowConfig:
                 raise ConfigError(f"flow {name}: expected 0 < {name} * bins < 1, got {value!r}")
         if not self.min_derivative > 0:
             raise ConfigError(f"flow min_derivative: expected > 0, got {self.min_derivative!r}")
-        if self.permutation not in ("random", "reverse"):
+        if self.permutation not in PERMUTATIONS:
             raise ConfigError(
-                f"flow permutation: got {self.permutation!r}, expected 'random' or 'reverse'"
+                f"flow permutation: got {self.permutation!r}, expected one of {PERMUTATIONS}"
             )
         if self.embedding is not None and not isinstance(self.embedding, EmbeddingConfig):
             raise ConfigError(

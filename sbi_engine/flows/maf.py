@@ -13,7 +13,9 @@ initialisation every layer scales by about 0.69. ``FlowConfig.maf_scale =
 engine's earlier choice; on two_moons at 10k it stopped earlier and scored C2ST 0.678
 against 0.635 with nflows' scale, obs 1–3, seed 0). The architecture is sbi 0.27's
 ``build_maf``: ``transforms=5`` layers of MADE with ``hidden=50`` units, ``blocks=2``
-masked hidden layers, ``tanh``, random permutations.
+masked hidden layers, ``tanh``, random permutations (by default never the identity,
+so no two consecutive layers share an autoregressive order; see
+:func:`~sbi_engine.flows.autoregressive.permutations`).
 """
 
 from __future__ import annotations

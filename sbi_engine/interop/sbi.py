@@ -43,6 +43,10 @@ sbi behaviour kept as is (it is the yardstick), which the JAX engine does differ
   context-free transform (bayesiains/nflows#85); only the random permutations between
   layers let every dimension depend on ``x``. With few transforms in low dimension a
   dimension can stay unconditioned for an unlucky seed.
+- sbi draws its own random permutations (nflows' ``RandomPermutation``, identity
+  included) from the seed, whichever random ``FlowConfig.permutation`` is asked for;
+  ``"random_nonidentity"`` (the JAX default, which never repeats a layer's order) is
+  accepted and trained as sbi's ``"random"``.
 """
 
 from __future__ import annotations
@@ -332,9 +336,10 @@ def _posterior_nn_kwargs(flow: FlowConfig) -> dict[str, Any]:
     if flow.kind == "maf" and flow.maf_scale != "softplus":
         raise ConfigError(f"flow maf_scale: sbi's MAF uses softplus(a) + 1e-3, got "
                           f"{flow.maf_scale!r}; use maf_scale='softplus'")
-    if flow.permutation != "random":
+    if flow.permutation not in ("random", "random_nonidentity"):
         raise ConfigError(f"flow permutation: sbi's flows use random permutations, got "
-                          f"{flow.permutation!r}; use permutation='random'")
+                          f"{flow.permutation!r}; use permutation='random_nonidentity' "
+                          "or 'random'")
     kwargs: dict[str, Any] = dict(
         model=_SBI_MODELS[flow.kind],
         z_score_theta=flow.z_score_theta,
