@@ -109,6 +109,7 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport
 
 from sbi_engine.errors import ConfigError, SbiEngineError
 from sbi_engine.flows import FlowConfig
+from sbi_engine.interrupt import ctrl_c_latch
 from sbi_engine.store import atomic_write_bytes, jsonable
 from sbi_engine.systematics import SystematicsConfig
 
@@ -1304,7 +1305,8 @@ def run_point(config: ExperimentConfig, out_dir: str | os.PathLike, *,
             + (" (resuming)" if earlier else ""))
         status = "failed"
         try:
-            with jax.default_device(dev) if dev is not None else contextlib.nullcontext():
+            with (jax.default_device(dev) if dev is not None else contextlib.nullcontext(),
+                  ctrl_c_latch() as interrupted):
                 for i, stage in enumerate(stages, 1):
                     record = out / "stages" / stage.filename
                     if record.exists():
@@ -1330,6 +1332,7 @@ def run_point(config: ExperimentConfig, out_dir: str | os.PathLike, *,
                     log(f"      done in {seconds:.1f} s")
                     if on_stage:
                         on_stage(stage.name, "end")
+                    interrupted()  # a Ctrl-C swallowed during the stage stops here
             status = "complete"
         except KeyboardInterrupt:
             status = "interrupted"

@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 
 from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.flows import ConditionalFlow, FlowConfig, build_flow_from_data
+from sbi_engine.interrupt import ctrl_c_latch
 from sbi_engine.posterior import Posterior, PosteriorFileError
 from sbi_engine.priors import Prior
 from sbi_engine.store import atomic_write_bytes, json_sha256, jsonable
@@ -603,50 +604,52 @@ def _fit(flow, params, source, theta_val, x_val, k_epochs, *, config, prior, pro
     bar = tqdm(total=config.max_epochs, initial=resumed, desc="train NPE", unit="epoch",
                disable=not progress or bool(st.stop), dynamic_ncols=True,
                bar_format="{desc}: {n_fmt} epochs [{elapsed}, {rate_fmt}] {postfix}")
-    try:
-        epoch = resumed
-        while not st.stop:
-            k_epoch = jax.random.fold_in(k_epochs, epoch)
-            if stream:
-                losses = []
-                for i, (theta_b, x_b) in enumerate(source(k_epoch)):
-                    params, opt_state, loss = runner.epoch(
-                        params, opt_state, jax.random.fold_in(k_epoch, i),
-                        jnp.asarray(theta_b), jnp.asarray(x_b))
-                    losses.append(loss)
-                train_loss = float(np.mean(jax.device_get(losses)))
-                val_loss = runner.validation(params, theta_val, x_val)
-            elif fold_validation:
-                params, opt_state, loss, val = runner.epoch_and_validation(
-                    params, opt_state, k_epoch, *source, theta_val, x_val)
-                train_loss, val_loss = float(loss), float(val)
-            else:
-                params, opt_state, loss = runner.epoch(params, opt_state, k_epoch, *source)
-                train_loss = float(loss)
-                val_loss = runner.validation(params, theta_val, x_val)
-            st.train_loss.append(train_loss)
-            st.val_loss.append(val_loss)
-            finite = math.isfinite(train_loss) and math.isfinite(val_loss)
-            if finite and val_loss < st.best_val:
-                st.best_val, st.best_epoch, st.best_params = val_loss, epoch, host(params)
-            if not finite:
-                st.stop, st.diverged_at = "diverged", epoch
-            elif epoch - st.best_epoch >= config.stop_after_epochs:
-                st.stop = "early_stop"
-            elif epoch + 1 == config.max_epochs:
-                st.stop = "max_epochs"
-            if checkpoint is not None and (st.stop or (epoch + 1) % checkpoint.every == 0):
-                if finite:  # after a divergence, keep the last state written
-                    st.params, st.opt_state, st.epoch = host(params), host(opt_state), epoch + 1
-                checkpoint.save(st)
-            bar.update(1)
-            bar.set_postfix_str(f"train {train_loss:.4f}, val {val_loss:.4f}, "
-                                f"best {st.best_val:.4f} @ {st.best_epoch}")
-            if callback is not None:
-                callback(epoch, train_loss, val_loss)
-            epoch += 1
-    finally:
-        bar.close()
+    with ctrl_c_latch() as interrupted:
+        try:
+            epoch = resumed
+            while not st.stop:
+                k_epoch = jax.random.fold_in(k_epochs, epoch)
+                if stream:
+                    losses = []
+                    for i, (theta_b, x_b) in enumerate(source(k_epoch)):
+                        params, opt_state, loss = runner.epoch(
+                            params, opt_state, jax.random.fold_in(k_epoch, i),
+                            jnp.asarray(theta_b), jnp.asarray(x_b))
+                        losses.append(loss)
+                    train_loss = float(np.mean(jax.device_get(losses)))
+                    val_loss = runner.validation(params, theta_val, x_val)
+                elif fold_validation:
+                    params, opt_state, loss, val = runner.epoch_and_validation(
+                        params, opt_state, k_epoch, *source, theta_val, x_val)
+                    train_loss, val_loss = float(loss), float(val)
+                else:
+                    params, opt_state, loss = runner.epoch(params, opt_state, k_epoch, *source)
+                    train_loss = float(loss)
+                    val_loss = runner.validation(params, theta_val, x_val)
+                st.train_loss.append(train_loss)
+                st.val_loss.append(val_loss)
+                finite = math.isfinite(train_loss) and math.isfinite(val_loss)
+                if finite and val_loss < st.best_val:
+                    st.best_val, st.best_epoch, st.best_params = val_loss, epoch, host(params)
+                if not finite:
+                    st.stop, st.diverged_at = "diverged", epoch
+                elif epoch - st.best_epoch >= config.stop_after_epochs:
+                    st.stop = "early_stop"
+                elif epoch + 1 == config.max_epochs:
+                    st.stop = "max_epochs"
+                if checkpoint is not None and (st.stop or (epoch + 1) % checkpoint.every == 0):
+                    if finite:  # after a divergence, keep the last state written
+                        st.params, st.opt_state, st.epoch = host(params), host(opt_state), epoch + 1
+                    checkpoint.save(st)
+                bar.update(1)
+                bar.set_postfix_str(f"train {train_loss:.4f}, val {val_loss:.4f}, "
+                                    f"best {st.best_val:.4f} @ {st.best_epoch}")
+                if callback is not None:
+                    callback(epoch, train_loss, val_loss)
+                epoch += 1
+                interrupted()  # a Ctrl-C swallowed during the epoch stops here
+        finally:
+            bar.close()
     seconds = time.perf_counter() - t0
     if st.diverged_at is not None:
         e = st.diverged_at

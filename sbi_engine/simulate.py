@@ -37,6 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sbi_engine.errors import ConfigError, ShapeError
+from sbi_engine.interrupt import ctrl_c_latch
 from sbi_engine.priors import Prior
 from sbi_engine.simulator import (
     BlackBoxSimulator,
@@ -349,30 +350,33 @@ def simulate(
         simulated += rows
         bar.update(rows)
         bar.set_postfix(invalid=report.invalid, refresh=False)
+        interrupted()  # a Ctrl-C swallowed while this chunk ran stops the run here
 
-    try:
-        if scheduler is not None:
-            from sbi_engine.distributed import run_chunks
+    with ctrl_c_latch() as interrupted:
+        try:
+            if scheduler is not None:
+                from sbi_engine.distributed import run_chunks
 
-            run_chunks(store, sim, seed=seed, prior=prior, theta=theta_arr, nu_mode=nu_mode,
-                       nu=nu_arr, todo=todo, scheduler=scheduler, workers=workers,
-                       devices=devices, on_chunk=chunk_done)
-        else:
-            maker = _ChunkMaker(sim, seed, chunk, prior, theta_arr, nu_mode, nu_arr,
-                                sharding=sharding)
-            for i in todo:
-                start = i * chunk
-                rows = min(chunk, num - start)
-                arrays, rep = maker.make(start, rows, pool)
-                if store is not None:
-                    store.write_chunk(i, arrays, {"errors": dict(rep.errors)})
-                else:
-                    parts[i] = arrays
-                chunk_done(rows, rep)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
+                run_chunks(store, sim, seed=seed, prior=prior, theta=theta_arr, nu_mode=nu_mode,
+                           nu=nu_arr, todo=todo, scheduler=scheduler, workers=workers,
+                           devices=devices, on_chunk=chunk_done)
+            else:
+                maker = _ChunkMaker(sim, seed, chunk, prior, theta_arr, nu_mode, nu_arr,
+                                    sharding=sharding)
+                for i in todo:
+                    start = i * chunk
+                    rows = min(chunk, num - start)
+                    arrays, rep = maker.make(start, rows, pool)
+                    if store is not None:
+                        store.write_chunk(i, arrays, {"errors": dict(rep.errors)})
+                    else:
+                        parts[i] = arrays
+                    chunk_done(rows, rep)
+            interrupted()
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.close()
     seconds = time.perf_counter() - t0
 
     if store is not None:

@@ -211,6 +211,32 @@ def test_killed_cli_run_resumes_to_identical_bytes(tmp_path, sig):
     assert tree_bytes(part) == tree_bytes(ref)
 
 
+def test_ctrl_c_swallowed_inside_a_simulation_still_stops_at_the_chunk_boundary(tmp_path):
+    """A library that catches KeyboardInterrupt (or a finaliser that eats it) must not
+    cost the user their Ctrl-C: the run stops after the chunk in flight, which is kept."""
+    from sbi_engine import BlackBoxSimulator
+
+    calls = []
+
+    def careless(theta, nu, rng):
+        calls.append(1)
+        if len(calls) == 25:  # inside chunk 2 (chunks of 10)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+        return theta + 0.1 * rng.normal(size=2)
+
+    sim = BlackBoxSimulator("toy_careless", toys.PARAMS, ("x1", "x2"), careless)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(sim, num=100, seed=0, chunk_size=10, out=tmp_path / "d", progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert len(calls) == 30 and len(list((tmp_path / "d" / "chunks").glob("*.json"))) == 3
+    res = simulate(sim, num=100, seed=0, chunk_size=10, out=tmp_path / "d", progress=False)
+    assert res.simulated == 70 and len(calls) == 100
+
+
 def test_atomic_writes_get_the_umask_permissions_not_private_ones(tmp_path):
     import os
     import stat
