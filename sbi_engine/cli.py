@@ -235,7 +235,8 @@ def cmd_sample(args) -> int:
     posterior = load_posterior(args.model)
     x_o = _load_array(args.observation, "--observation")
     x_o, _ = posterior.check_x(x_o, field="--observation")
-    samples = posterior.sample(jax.random.PRNGKey(args.seed), args.num, x_o)
+    samples = posterior.sample(jax.random.PRNGKey(args.seed), args.num, x_o,
+                               field="--observation")
     buf = io.BytesIO()
     np.save(buf, samples, allow_pickle=False)
     atomic_write_bytes(args.out, buf.getvalue())

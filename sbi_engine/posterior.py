@@ -178,7 +178,8 @@ class BasePosterior(abc.ABC):
     # -- sampling ------------------------------------------------------------------------------
 
     def sample(self, key: jax.Array, n: int, x: Any, *, reject_outside_prior: bool = True,
-               min_acceptance: float = 1e-3, batch: int | None = None) -> np.ndarray:
+               min_acceptance: float = 1e-3, batch: int | None = None,
+               field: str = "x") -> np.ndarray:
         """Draw ``n`` posterior samples for one observation or each of many.
 
         The same key gives the same samples.
@@ -192,30 +193,44 @@ class BasePosterior(abc.ABC):
             min_acceptance: stop with :class:`SamplingError` when the acceptance rate
                 falls below this (after at least 10,000 draws); warns below 10×.
             batch: draws per call (default ``max(n, 1024)`` rounded up to a power of two).
+            field: the name the errors give ``x`` (the CLI passes ``--observation``).
 
         Raises:
+            ShapeError: bad ``x``, or one so far outside the training data that the
+                estimator returns no finite θ for it (its z-score overflows float32).
             SamplingError: acceptance below ``min_acceptance``.
         """
         if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 1:
             raise ShapeError(f"n: expected a positive integer, got {n!r}")
-        x, batched = self.check_x(x)
+        x, batched = self.check_x(x, field=field)
         if batched:
             keys = jax.random.split(key, x.shape[0])
             return np.stack([self._sample_one(keys[i], int(n), x[i], reject_outside_prior,
-                                              min_acceptance, batch) for i in range(x.shape[0])])
-        return self._sample_one(key, int(n), x, reject_outside_prior, min_acceptance, batch)
+                                              min_acceptance, batch, f"{field}[{i}]")
+                             for i in range(x.shape[0])])
+        return self._sample_one(key, int(n), x, reject_outside_prior, min_acceptance, batch,
+                                field)
 
-    def _sample_one(self, key, n, x, reject, min_acceptance, batch):
+    def _sample_one(self, key, n, x, reject, min_acceptance, batch, field):
         batch = int(batch or max(1024, 1 << (n - 1).bit_length()))
+
+        def draw(i):
+            cand = self._draw(jax.random.fold_in(key, i), batch, x)
+            if i == 0 and not np.isfinite(cand).all(axis=1).any():
+                raise ShapeError(
+                    f"{field}: the estimator returns no finite θ for this observation "
+                    f"(largest |value| {np.abs(x).max():.3g}); it lies too far outside the "
+                    "simulations the estimator was trained on")
+            return cand
+
         if not reject or self.prior is None:
-            draws = [self._draw(jax.random.fold_in(key, i), batch, x)
-                     for i in range(-(-n // batch))]
+            draws = [draw(i) for i in range(-(-n // batch))]
             self.acceptance_rate = 1.0
             return np.concatenate(draws)[:n]
         kept, total, drawn, i = [], 0, 0, 0
         warned = False
         while total < n:
-            cand = self._draw(jax.random.fold_in(key, i), batch, x)
+            cand = draw(i)
             i += 1
             ok = self._in_support(cand)
             kept.append(cand[ok])

@@ -210,6 +210,24 @@ def test_cli_sample_bad_observation_one_line(model, tmp_path, capsys, case):
     assert not out.exists()
 
 
+def test_observation_whose_z_score_overflows_names_the_observation(model, posterior, tmp_path,
+                                                                    capsys):
+    """3e38 is a finite float32, but (x - mean) / std is not: the flow returns NaN for it.
+
+    Hypothesis once drew this; sampling then failed with an acceptance error that did not
+    name the observation."""
+    np.save(tmp_path / "x.npy", np.full(X_DIM, 3e38, np.float32), allow_pickle=False)
+    code = main(["sample", str(model), "--observation", str(tmp_path / "x.npy"), "--num", "3",
+                 "--out", str(tmp_path / "s.npy")])
+    one_error_line(code, capsys.readouterr().err, "--observation", "no finite θ")
+    assert not (tmp_path / "s.npy").exists()
+    batch = np.stack([np.zeros(X_DIM), np.full(X_DIM, -3e38)]).astype(np.float32)
+    for reject in (True, False):
+        with pytest.raises(ShapeError, match=r"^x\[1\]: the estimator returns no finite θ"):
+            posterior.sample(jax.random.PRNGKey(0), 3, batch, reject_outside_prior=reject)
+    assert posterior.sample(jax.random.PRNGKey(0), 3, batch[0]).shape == (3, 2)
+
+
 def test_npz_bool_and_complex_observations_are_refused(posterior, tmp_path):
     x = np.zeros(X_DIM)
     np.savez(tmp_path / "x.npz", x=x)
