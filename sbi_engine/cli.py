@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sbi_engine.errors import ConfigError, SbiEngineError, ShapeError
+from sbi_engine.interrupt import ctrl_c_latch
 
 __all__ = ["main"]
 
@@ -597,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        return int(args.func(args) or 0)
+        with ctrl_c_latch():  # a Ctrl-C swallowed deep down still stops at a safe point
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if args.debug:
             raise

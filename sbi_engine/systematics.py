@@ -84,6 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sbi_engine import interrupt
 from sbi_engine.classify import (
     ClassifierConfig,
     ClassifierFileError,
@@ -939,6 +940,7 @@ def run_study(config: SystematicsConfig, *, progress: bool = True,
         else:
             say(f"systematics: {step}: loaded from checkpoint {ckpt.path(step)}")
         bar.update(1)
+        interrupt.check()  # a Ctrl-C swallowed during the step stops here
         return params
 
     # -- training (each step checkpointed) ---------------------------------------------
