@@ -372,7 +372,6 @@ def simulate(
                     else:
                         parts[i] = arrays
                     chunk_done(rows, rep)
-            interrupted()
         finally:
             bar.close()
             if pool is not None:
