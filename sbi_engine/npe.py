@@ -207,7 +207,8 @@ def _finite_rows(theta: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.isfinite(theta).all(axis=1) & np.isfinite(flat).all(axis=1)
 
 
-def _check_training_data(theta, x) -> tuple[np.ndarray, np.ndarray]:
+def check_training_data(theta: Any, x: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``theta (n, D)`` and ``x (n, *X)`` as float32 arrays; a ShapeError names the bad one."""
     theta = np.asarray(theta, dtype=np.float32)
     x = np.asarray(x, dtype=np.float32)
     if theta.ndim != 2:
@@ -536,7 +537,7 @@ def train_npe(
         RuntimeWarning: a loss became non-finite; training stopped (``diverged_at``).
     """
     config = config or NPEConfig()
-    theta, x = _check_training_data(theta, x)
+    theta, x = check_training_data(theta, x)
     data_digest = None if checkpoint is None else _array_digest(theta, x)
     keep = _finite_rows(theta, x)
     excluded = int((~keep).sum())

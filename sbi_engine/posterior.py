@@ -347,14 +347,7 @@ class Posterior(BasePosterior):
             "x_shape": list(self.x_shape),
             "metadata": jsonable(self.metadata),
         }
-        state = serialization.to_state_dict(jax.tree.map(np.asarray, self.params))
-        blob = serialization.msgpack_serialize(state)
-        header["params_sha256"] = hashlib.sha256(blob).hexdigest()  # catches bit flips
-        seal_header(header)
-        return atomic_write_dir(path, {
-            "posterior.json": json.dumps(header, indent=1, sort_keys=True).encode(),
-            "params.msgpack": blob,
-        })
+        return write_model_dir(path, header, self.params)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Posterior:
@@ -366,17 +359,7 @@ class Posterior(BasePosterior):
         path = Path(path)
         header = read_model_header(path, FORMAT, FORMAT_VERSION, "params.msgpack",
                                    "Posterior.save / `sbi-engine train`")
-        pfile = path / "params.msgpack"
-        blob = pfile.read_bytes()
-        digest = header.get("params_sha256")  # absent in files written before it was added
-        if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
-            raise PosteriorFileError(f"model {path}: params.msgpack does not match the "
-                                     "checksum in posterior.json (truncated or corrupted)")
-        try:
-            state = serialization.msgpack_restore(blob)
-        except Exception as err:  # noqa: BLE001 - msgpack raises many types on garbage
-            raise PosteriorFileError(f"model {path}: params.msgpack is corrupted "
-                                     f"({type(err).__name__})") from None
+        state = read_model_weights(path, header)
         try:
             flow_spec = dict(header["flow"])
             # written before FlowConfig.maf_scale existed: the MAF scale was then this one
@@ -495,6 +478,45 @@ def read_model_header(path: Path, fmt: str, version: int, weights: str, writer: 
         raise error(f"{what} {path}: {header} does not match its header_sha256 (a corrupted "
                     "file, or an edit outside 'metadata')")
     return found_header
+
+
+def write_model_dir(path: str | os.PathLike, header: dict[str, Any], params: Any, *,
+                    header_name: str = "posterior.json") -> Path:
+    """Write ``header_name`` and ``params.msgpack`` atomically (no pickle).
+
+    ``header`` gains ``params_sha256`` (catches bit flips in the weights) and
+    ``header_sha256`` (:func:`seal_header`). Returns the directory.
+    """
+    state = serialization.to_state_dict(jax.tree.map(np.asarray, params))
+    blob = serialization.msgpack_serialize(state)
+    header["params_sha256"] = hashlib.sha256(blob).hexdigest()
+    seal_header(header)
+    return atomic_write_dir(Path(path), {
+        header_name: json.dumps(header, indent=1, sort_keys=True).encode(),
+        "params.msgpack": blob,
+    })
+
+
+def read_model_weights(path: Path, header: Mapping[str, Any], *,
+                       header_name: str = "posterior.json", what: str = "model",
+                       error: type[SbiEngineError] | None = None) -> dict:
+    """The state dict in ``path/params.msgpack``, checked against ``params_sha256``.
+
+    Raises:
+        ``error`` (default :class:`PosteriorFileError`): a checksum mismatch or bytes
+        that are not msgpack.
+    """
+    error = error or PosteriorFileError
+    blob = (path / "params.msgpack").read_bytes()
+    digest = header.get("params_sha256")  # absent in files written before it was added
+    if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
+        raise error(f"{what} {path}: params.msgpack does not match the checksum in "
+                    f"{header_name} (truncated or corrupted)")
+    try:
+        return serialization.msgpack_restore(blob)
+    except Exception as err:  # noqa: BLE001 - msgpack raises many types on garbage
+        raise error(f"{what} {path}: params.msgpack is corrupted "
+                    f"({type(err).__name__})") from None
 
 
 def hpd_threshold(posterior: Posterior, key: jax.Array, x_o: Any, *, epsilon: float = 1e-4,

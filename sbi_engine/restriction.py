@@ -58,8 +58,6 @@ Files: :meth:`ValidityClassifier.save` writes a directory with ``classifier.json
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import time
@@ -76,7 +74,7 @@ from flax import serialization
 
 from sbi_engine.errors import ConfigError, SbiEngineError, ShapeError
 from sbi_engine.priors import Prior
-from sbi_engine.store import atomic_write_dir, jsonable
+from sbi_engine.store import jsonable
 
 __all__ = [
     "ClassifierConfig",
@@ -297,16 +295,9 @@ class ValidityClassifier:
             "threshold": self.threshold,
             "metadata": jsonable(self.metadata),
         }
-        state = serialization.to_state_dict(jax.tree.map(np.asarray, self.params))
-        blob = serialization.msgpack_serialize(state)
-        header["params_sha256"] = hashlib.sha256(blob).hexdigest()
-        from sbi_engine.posterior import seal_header
+        from sbi_engine.posterior import write_model_dir
 
-        seal_header(header)
-        return atomic_write_dir(path, {
-            "classifier.json": json.dumps(header, indent=1, sort_keys=True).encode(),
-            "params.msgpack": blob,
-        })
+        return write_model_dir(path, header, self.params, header_name="classifier.json")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ValidityClassifier:
@@ -315,13 +306,12 @@ class ValidityClassifier:
         Raises:
             RestrictionError: missing files, corrupted content, another format or version.
         """
-        from sbi_engine.posterior import read_model_header
+        from sbi_engine.posterior import read_model_header, read_model_weights
 
         path = Path(path)
         header = read_model_header(path, FORMAT, FORMAT_VERSION, "params.msgpack",
                                    "ValidityClassifier.save", header="classifier.json",
                                    what="classifier", error=RestrictionError)
-        pfile = path / "params.msgpack"
         try:
             config = ClassifierConfig(**{**header["config"],
                                          "hidden": tuple(header["config"]["hidden"])})
@@ -330,16 +320,8 @@ class ValidityClassifier:
         except (KeyError, TypeError, ValueError) as err:
             raise RestrictionError(f"classifier {path}: classifier.json is inconsistent "
                                    f"({type(err).__name__}: {err})") from None
-        blob = pfile.read_bytes()
-        digest = header.get("params_sha256")  # absent in files written before it was added
-        if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
-            raise RestrictionError(f"classifier {path}: params.msgpack does not match the "
-                                   "checksum in classifier.json (truncated or corrupted)")
-        try:
-            state = serialization.msgpack_restore(blob)
-        except Exception as err:  # noqa: BLE001 - msgpack raises many types on garbage
-            raise RestrictionError(f"classifier {path}: params.msgpack is corrupted "
-                                   f"({type(err).__name__})") from None
+        state = read_model_weights(path, header, header_name="classifier.json",
+                                   what="classifier", error=RestrictionError)
         # shapes only: a header that asks for a huge network allocates nothing
         template = jax.eval_shape(_MLP(config.hidden).init, jax.random.PRNGKey(0),
                                   jax.ShapeDtypeStruct(mean.shape[:1], jnp.float32))

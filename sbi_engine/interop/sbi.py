@@ -83,7 +83,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.flows import FlowConfig
-from sbi_engine.npe import NPEConfig, TrainResult
+from sbi_engine.npe import NPEConfig, TrainResult, check_training_data
 from sbi_engine.posterior import (
     BasePosterior,
     PosteriorFileError,
@@ -398,17 +398,6 @@ class _NullTracker:
 SbiTrainResult = TrainResult
 
 
-def _check_training_data(theta: Any, x: Any) -> tuple[np.ndarray, np.ndarray]:
-    theta = np.asarray(theta, dtype=np.float32)
-    x = np.asarray(x, dtype=np.float32)
-    if theta.ndim != 2:
-        raise ShapeError(f"theta: expected shape (n, D), got {theta.shape}")
-    if x.ndim < 2 or x.shape[0] != theta.shape[0]:
-        raise ShapeError(f"x: expected shape ({theta.shape[0]}, X...), one row per theta row, "
-                         f"got {x.shape}")
-    return theta, x
-
-
 def train_sbi(
     theta: Any,
     x: Any,
@@ -455,7 +444,7 @@ def train_sbi(
         raise ConfigError(f"npe max_epochs: the sbi backend needs at least 2 (sbi runs "
                           f"max_num_epochs + 1 epochs with max_num_epochs >= 1), got "
                           f"{config.max_epochs}")
-    theta, x = _check_training_data(theta, x)
+    theta, x = check_training_data(theta, x)
     if prior is not None and prior.dim != theta.shape[1]:
         raise ShapeError(f"theta: {theta.shape[1]} columns but the prior has dimension "
                          f"{prior.dim}")
