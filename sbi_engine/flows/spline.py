@@ -33,7 +33,7 @@ import numpy as np
 
 from sbi_engine.flows.autoregressive import MADE, autoregressive_block, permutations
 from sbi_engine.flows.base import Block, FlowConfig
-from sbi_engine.flows.embedding import torch_dense_init
+from sbi_engine.flows.embedding import torch_bias_init, torch_dense_init
 from sbi_engine.flows.linear import lu_forward, lu_init, lu_inverse
 
 __all__ = [
@@ -147,28 +147,45 @@ class ResidualNet(nn.Module):
     """Conditional residual MLP (nflows ``ResidualNet``) for one example.
 
     ``h = Dense([x, c])``; per block ``h += GLU(Dense(relu(Dense(relu(h)))), Dense(c))``
-    with the block's last layer initialised in ``U(±1e-3)``; output ``Dense(h)``.
+    with the block's last layer initialised in ``U(±1e-3)``; output ``Dense(h)``. The
+    other layers take PyTorch's ``nn.Linear`` init, weights and biases
+    ``U(±1/sqrt(fan_in))``, so the net starts where nflows' does.
+
+    Attributes:
+        input_fan_in: the first layer's fan-in for its initialisation, when some of
+            ``x`` is always zero (a coupling layer's transformed features); None: the
+            width of ``[x, c]``.
     """
 
     out_features: int
     hidden: int
     blocks: int
+    input_fan_in: int | None = None
 
     @nn.compact
     def __call__(self, x: Array, context: Array) -> Array:
         """Args: x: ``(I,)``; context: ``(C,)``. Returns: ``(out_features,)``."""
         small = nn.initializers.uniform(2e-3)
-        h = nn.Dense(self.hidden, kernel_init=torch_dense_init)(jnp.concatenate([x, context]))
+
+        def dense(features, fan_in, **init):
+            init = {"kernel_init": torch_dense_init, "bias_init": torch_bias_init(fan_in)} | init
+            return nn.Dense(features, **init)
+
+        fan_in = x.shape[-1] + context.shape[-1]
+        if self.input_fan_in is not None:
+            fan_in = self.input_fan_in
+        h = dense(self.hidden, fan_in, kernel_init=torch_bias_init(fan_in))(
+            jnp.concatenate([x, context]))
         for _ in range(self.blocks):
-            t = nn.Dense(self.hidden, kernel_init=torch_dense_init)(nn.relu(h))
+            t = dense(self.hidden, self.hidden)(nn.relu(h))
             t = nn.Dense(
                 self.hidden,
                 kernel_init=lambda *a: small(*a) - 1e-3,
                 bias_init=lambda *a: small(*a) - 1e-3,
             )(nn.relu(t))
-            gate = nn.Dense(self.hidden, kernel_init=torch_dense_init)(context)
+            gate = dense(self.hidden, context.shape[-1])(context)
             h = h + t * jax.nn.sigmoid(gate)
-        return nn.Dense(self.out_features, kernel_init=torch_dense_init)(h)
+        return dense(self.out_features, self.hidden)(h)
 
 
 def coupling_masks(features: int, transforms: int) -> np.ndarray:
@@ -215,7 +232,11 @@ def build_nsf_block(
     masks = coupling_masks(d, config.transforms)
     select, valid = coupling_selections(masks)
     width = select.shape[1]
-    net = ResidualNet(out_features=width * k3, hidden=config.hidden, blocks=config.blocks)
+    # nflows feeds the conditioner only the untransformed features; here the transformed
+    # ones enter as zeros, so the first layer is initialised for nflows' fan-in (exact
+    # for even D; with odd D, for the layers that transform ⌈D/2⌉ features).
+    net = ResidualNet(out_features=width * k3, hidden=config.hidden, blocks=config.blocks,
+                      input_fan_in=d - width + context_dim)
     spline = _spline_fn(config, config.hidden, inverse=False)
     spline_inv = _spline_fn(config, config.hidden, inverse=True)
 
