@@ -422,22 +422,36 @@ def test_config_defaults_match_sbi_and_parse():
 def test_nsf_conditioner_starts_where_nflows_does():
     """nflows' ResidualNet under sbi's build_nsf: every layer torch's nn.Linear init,
     U(±1/sqrt(fan_in)) for weights and biases, whose fan-in counts only the untransformed
-    features; the last layer of each block U(±1e-3). Zero biases here, or the fan-in of
-    all D features, made our NSF need ~35 % more epochs than sbi's on two_moons."""
+    features; the last layer of each block U(±1e-3). ``nsf_init="nflows"`` starts there;
+    the default keeps zero biases and the fan-in of all D features (more epochs on the
+    2-D tasks, a better held-out NLL on slcp)."""
     d, c, hidden = 4, 3, 50
-    flow = build_flow(FlowConfig(kind="nsf", hidden=hidden), theta_dim=d, x_shape=(c,))
-    net = flow.init(jax.random.key(0))["layers"]["conditioner"]
+
+    def conditioner(**kw):
+        flow = build_flow(FlowConfig(kind="nsf", hidden=hidden, **kw), theta_dim=d,
+                          x_shape=(c,))
+        return flow.init(jax.random.key(0))["layers"]["conditioner"]
+
+    def assert_uniform(a, bound, what):
+        # U(±bound) over >= 5 * 50 draws: the largest is within 3 % of the bound
+        a = np.abs(np.asarray(a))
+        assert 0.97 * bound < a.max() <= bound, (what, a.max(), bound)
+
     fan_ins = {"Dense_0": d // 2 + c, "Dense_1": hidden, "Dense_3": c, "Dense_4": hidden,
                "Dense_6": c, "Dense_7": hidden}
+    nflows, default = conditioner(nsf_init="nflows"), conditioner()
     for name, fan_in in fan_ins.items():
         for leaf in ("kernel", "bias"):
-            a = np.abs(np.asarray(net[name][leaf]))
-            bound = 1 / math.sqrt(fan_in)
-            # U(±bound) over >= 5 * 50 draws: the largest is within 3 % of the bound
-            assert 0.97 * bound < a.max() <= bound, (name, leaf, a.max(), bound)
-    for name in ("Dense_2", "Dense_5"):
-        for leaf in ("kernel", "bias"):
-            assert 0.9e-3 < np.abs(np.asarray(net[name][leaf])).max() <= 1e-3
+            assert_uniform(nflows[name][leaf], 1 / math.sqrt(fan_in), (name, leaf))
+        kernel_fan_in = d + c if name == "Dense_0" else fan_in
+        assert_uniform(default[name]["kernel"], 1 / math.sqrt(kernel_fan_in), name)
+        assert not np.any(np.asarray(default[name]["bias"])), name
+    for net in (nflows, default):
+        for name in ("Dense_2", "Dense_5"):
+            for leaf in ("kernel", "bias"):
+                assert 0.9e-3 < np.abs(np.asarray(net[name][leaf])).max() <= 1e-3
+    with pytest.raises(ConfigError, match="nsf_init"):
+        FlowConfig(kind="nsf", nsf_init="torch")
 
 
 def test_permutations_never_repeat_an_order_and_keep_old_draws():

@@ -102,6 +102,15 @@ class FlowConfig:
             ``"unit_softplus"`` = ``softplus(a + softplus⁻¹(1 - 1e-3)) + 1e-3``, the
             identity at ``a = 0`` (the engine's MAF before this option; model files
             written then load with it).
+        nsf_init: initial weights of the ``nsf`` conditioner (the residual net):
+            ``"zero_bias"``: biases start at zero and the first layer's weights are
+            drawn for the fan-in of all its inputs; ``"nflows"``: as nflows (so sbi's
+            ``build_nsf``), torch's bias init U(±1/sqrt(fan_in)) and a first-layer
+            fan-in of the untransformed features and the context only. With
+            ``"nflows"`` the NSF starts where sbi's does and, on the 2-D sbibm tasks,
+            stops after fewer epochs with the same held-out NLL; on slcp the default
+            reaches a better one (4.466 against 4.600 nats over eight seeds, better on
+            seven). It only sets initial values: the parameter tree is the same.
     """
 
     kind: Literal["maf", "nsf", "nsf_ar"] = "maf"
@@ -121,6 +130,7 @@ class FlowConfig:
     )
     z_score_x: Literal["independent", "structured", "none"] = "independent"
     maf_scale: Literal["softplus", "unit_softplus"] = "softplus"
+    nsf_init: Literal["zero_bias", "nflows"] = "zero_bias"
 
     def __post_init__(self) -> None:
         if self.kind not in FLOW_KINDS:
@@ -159,6 +169,9 @@ class FlowConfig:
         if self.maf_scale not in ("softplus", "unit_softplus"):
             raise ConfigError(f"flow maf_scale: got {self.maf_scale!r}, expected 'softplus' "
                               "or 'unit_softplus'")
+        if self.nsf_init not in ("zero_bias", "nflows"):
+            raise ConfigError(f"flow nsf_init: got {self.nsf_init!r}, expected 'zero_bias' "
+                              "or 'nflows'")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/TOML-serialisable dict, inverted by :meth:`from_dict`."""

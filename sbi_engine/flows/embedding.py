@@ -32,9 +32,9 @@ __all__ = ["CNNEmbedding", "EmbeddingConfig", "MLPEmbedding", "torch_bias_init",
 Array = jax.Array
 
 #: PyTorch's ``nn.Linear`` default kernel init, U(±1/sqrt(fan_in)), so our networks
-#: start where the sbi/nflows ones do. The flows' conditioners (MADE, residual net)
-#: also take torch's bias init (:func:`torch_bias_init`); the embedding nets start
-#: their biases at zero.
+#: start where the sbi/nflows ones do. The MADE conditioners also take torch's bias
+#: init (:func:`torch_bias_init`), and so does the NSF's residual net with
+#: ``FlowConfig.nsf_init="nflows"``; the embedding nets start their biases at zero.
 torch_dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -42,13 +42,15 @@ def torch_bias_init(fan_in: int) -> Callable[..., Array]:
     """PyTorch's ``nn.Linear`` default bias init, U(±1/sqrt(fan_in)).
 
     A flax bias initialiser does not see the layer's input, so the caller passes
-    ``fan_in``. Used by the MADE conditioners (MAF, ``nsf_ar``) and the NSF's residual
-    net, as in nflows. On two_moons at 10k simulations the MAF's held-out NLL averages
-    -2.899 over six seeds against -2.857 with zero biases (better on five seeds of six;
-    the seed-to-seed spread is about 0.1). The NSF reaches the same held-out NLL with
-    either (-3.495 against -3.494 over eight seeds), but with torch's biases it learns
-    faster early on and stops after fewer epochs, as sbi's does: 958 epochs over the
-    eight seeds against 1,304 with zero biases (sbi: 953).
+    ``fan_in``. Used by the MADE conditioners (MAF, ``nsf_ar``), as in nflows: on
+    two_moons at 10k simulations the MAF's held-out NLL averages -2.899 over six seeds
+    against -2.857 with zero biases (better on five seeds of six; the seed-to-seed
+    spread is about 0.1). The NSF's residual net uses it with
+    ``FlowConfig.nsf_init="nflows"``. With it (and nflows' first-layer fan-in) the NSF
+    learns faster early on and stops after fewer epochs, as sbi's does (958 epochs over
+    eight two_moons seeds against 1,304 with zero biases; sbi 953), with the same
+    held-out NLL there (-3.495 against -3.494), but a worse one on slcp (4.600 against
+    4.466 over eight seeds), so the default keeps zero biases.
     """
     bound = 1.0 / np.sqrt(max(int(fan_in), 1))
 

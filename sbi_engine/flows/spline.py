@@ -148,10 +148,11 @@ class ResidualNet(nn.Module):
 
     ``h = Dense([x, c])``; per block ``h += GLU(Dense(relu(Dense(relu(h)))), Dense(c))``
     with the block's last layer initialised in ``U(±1e-3)``; output ``Dense(h)``. The
-    other layers take PyTorch's ``nn.Linear`` init, weights and biases
-    ``U(±1/sqrt(fan_in))``, so the net starts where nflows' does.
+    other layers take PyTorch's ``nn.Linear`` weight init, ``U(±1/sqrt(fan_in))``.
 
     Attributes:
+        torch_biases: those layers' biases start in ``U(±1/sqrt(fan_in))`` as in
+            nflows; False: at zero (``FlowConfig.nsf_init``).
         input_fan_in: the first layer's fan-in for its initialisation, when some of
             ``x`` is always zero (a coupling layer's transformed features); None: the
             width of ``[x, c]``.
@@ -160,6 +161,7 @@ class ResidualNet(nn.Module):
     out_features: int
     hidden: int
     blocks: int
+    torch_biases: bool = False
     input_fan_in: int | None = None
 
     @nn.compact
@@ -168,14 +170,16 @@ class ResidualNet(nn.Module):
         small = nn.initializers.uniform(2e-3)
 
         def dense(features, fan_in, **init):
-            init = {"kernel_init": torch_dense_init, "bias_init": torch_bias_init(fan_in)} | init
-            return nn.Dense(features, **init)
+            bias = torch_bias_init(fan_in) if self.torch_biases else nn.initializers.zeros
+            return nn.Dense(features, **({"kernel_init": torch_dense_init, "bias_init": bias}
+                                         | init))
 
+        first = {}
         fan_in = x.shape[-1] + context.shape[-1]
         if self.input_fan_in is not None:
             fan_in = self.input_fan_in
-        h = dense(self.hidden, fan_in, kernel_init=torch_bias_init(fan_in))(
-            jnp.concatenate([x, context]))
+            first = {"kernel_init": torch_bias_init(fan_in)}
+        h = dense(self.hidden, fan_in, **first)(jnp.concatenate([x, context]))
         for _ in range(self.blocks):
             t = dense(self.hidden, self.hidden)(nn.relu(h))
             t = nn.Dense(
@@ -233,10 +237,11 @@ def build_nsf_block(
     select, valid = coupling_selections(masks)
     width = select.shape[1]
     # nflows feeds the conditioner only the untransformed features; here the transformed
-    # ones enter as zeros, so the first layer is initialised for nflows' fan-in (exact
-    # for even D; with odd D, for the layers that transform ⌈D/2⌉ features).
+    # ones enter as zeros, so with nsf_init="nflows" the first layer is initialised for
+    # nflows' fan-in (exact for even D; with odd D, for the layers that transform ⌈D/2⌉).
+    nflows = config.nsf_init == "nflows"
     net = ResidualNet(out_features=width * k3, hidden=config.hidden, blocks=config.blocks,
-                      input_fan_in=d - width + context_dim)
+                      torch_biases=nflows, input_fan_in=d - width + context_dim if nflows else None)
     spline = _spline_fn(config, config.hidden, inverse=False)
     spline_inv = _spline_fn(config, config.hidden, inverse=True)
 
