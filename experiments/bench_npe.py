@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--c2st-jobs", type=int, default=1,
                         help="processes for the sbibm C2STs, run after a task's trainings "
                              "so they never overlap a timed training (default 1)")
+    parser.add_argument("--nsf-init", choices=["zero_bias", "nflows"], default="zero_bias",
+                        help="our NSF's conditioner init (FlowConfig.nsf_init)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
 
@@ -178,7 +180,7 @@ def main() -> None:
         trained = []
         for spec in args.methods:  # the timed trainings, back to back
             method, est = spec.split(":")
-            config = NPEConfig.for_estimator(est)
+            config = NPEConfig.for_estimator(est, nsf_init=args.nsf_init)  # sbi: its own init
             t0 = time.perf_counter()
             result = run_method(method, est, jax.random.PRNGKey(args.seed), data.theta,
                                 data.x, sim.prior, config, args.seed)
@@ -211,7 +213,8 @@ def main() -> None:
             post, _ = train_tsnpe(jax.random.PRNGKey(args.seed + k), sim, mod.observation(k),
                                   rounds=args.tsnpe_rounds,
                                   simulations_per_round=args.num // args.tsnpe_rounds,
-                                  config=NPEConfig.for_estimator("nsf"), progress=False)
+                                  config=NPEConfig.for_estimator("nsf", nsf_init=args.nsf_init),
+                                  progress=False)
             wall = time.perf_counter() - t0  # simulation, truncation and training
             c = score(post, mod, [k], args.c2st_samples, args.seed, args.c2st_jobs)[0]
             rows.append({"task": "slcp", "method": "ours-tsnpe", "estimator": "nsf",

@@ -48,6 +48,7 @@ if "--threads-all" not in sys.argv:  # one CPU thread for XLA, before jax is imp
                                + " intra_op_parallelism_threads=1")
 
 import argparse
+import functools
 import json
 import time
 
@@ -64,8 +65,8 @@ def test_nll(posterior, test):
     return float(-np.mean(posterior.log_prob(test[0], test[1]))) if test else float("nan")
 
 
-def run_ours(kind, theta, x, prior, max_epochs, seed, test=None):
-    config = NPEConfig.for_estimator(kind, max_epochs=max_epochs)
+def run_ours(kind, theta, x, prior, max_epochs, seed, test=None, nsf_init="zero_bias"):
+    config = NPEConfig.for_estimator(kind, max_epochs=max_epochs, nsf_init=nsf_init)
     stamps = []
     c0, t0 = time.process_time(), time.perf_counter()
     result = train_npe(jax.random.PRNGKey(seed), theta, x, config=config, prior=prior,
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--threads-all", action="store_true",
                         help="let torch and XLA use every core (default: one thread each)")
     parser.add_argument("--cache-dir", help="JAX persistent compilation cache directory")
+    parser.add_argument("--nsf-init", choices=["zero_bias", "nflows"], default="zero_bias",
+                        help="our NSF's conditioner init (FlowConfig.nsf_init)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     if args.cache_dir:
@@ -135,7 +138,8 @@ def main() -> None:
     rows = []
     for rep in range(args.repeats):
         for kind in args.kinds:
-            methods = [("ours", run_ours)] + ([] if args.no_sbi else [("sbi", run_sbi)])
+            ours = functools.partial(run_ours, nsf_init=args.nsf_init)
+            methods = [("ours", ours)] + ([] if args.no_sbi else [("sbi", run_sbi)])
             for method, fn in methods:
                 # Repeat ``rep`` trains with seed ``seed + rep`` on both sides (same data):
                 # the epoch count to early stopping varies with the seed, so the fair

@@ -110,7 +110,8 @@ class FlowConfig:
             ``"nflows"`` the NSF starts where sbi's does and, on the 2-D sbibm tasks,
             stops after fewer epochs with the same held-out NLL; on slcp the default
             reaches a better one (4.466 against 4.600 nats over eight seeds, better on
-            seven). It only sets initial values: the parameter tree is the same.
+            seven). It only sets initial values: the parameter tree is the same. The
+            sbi backend always starts from nflows' own initialisation.
     """
 
     kind: Literal["maf", "nsf", "nsf_ar"] = "maf"
