@@ -35,14 +35,18 @@ stops with a warning and keeps the best weights so far (``TrainResult.diverged_a
 the checkpoint keeps the last state written before it, never non-finite weights.
 
 Compile time: the first epoch traces and compiles the epoch program (a few seconds of
-CPU for the default flows, more on a loaded machine); later epochs reuse it. Repeated
-runs can skip it with JAX's persistent compilation cache, which the engine leaves
-off (it is process-wide state, so the choice is the user's): set the environment
+CPU for the default flows, more on a loaded machine); later epochs reuse it. So do later
+trainings in the same process: the compiled programs take the standardisation
+statistics as arguments and are kept by flow structure (config, shapes, prior
+bijection) and optimiser settings (:mod:`sbi_engine.programs`), so the seeds of a sweep
+or an experiment's runs on data of one size compile once
+(``TrainResult.compilations`` is 0 for a training that reused a program;
+:func:`~sbi_engine.programs.clear_compiled_programs` frees them). Separate processes
+can share compilations through JAX's persistent compilation cache, which the engine
+leaves off (it is process-wide state, so the choice is the user's): set the environment
 variable ``JAX_COMPILATION_CACHE_DIR=/path/to/cache`` (and optionally
 ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0`` to also keep the small validation
-program), or ``jax.config.update("jax_compilation_cache_dir", path)``. The compiled
-programs take the standardisation statistics as arguments, so a cached program
-serves any data set with the same flow config, shapes and row count.
+program), or ``jax.config.update("jax_compilation_cache_dir", path)``.
 
 Truncated sequential NPE (TSNPE, Deistler, Goncalves & Macke 2022) for one observation
 ``x_o`` is in :func:`train_tsnpe`: round r simulates from the prior truncated to the
@@ -77,6 +81,7 @@ from sbi_engine.flows import ConditionalFlow, FlowConfig, build_flow_from_data
 from sbi_engine.interrupt import ctrl_c_latch
 from sbi_engine.posterior import Posterior, PosteriorFileError
 from sbi_engine.priors import Prior
+from sbi_engine.programs import ProgramCache
 from sbi_engine.store import atomic_write_bytes, json_sha256, jsonable
 
 __all__ = [
@@ -165,8 +170,10 @@ class TrainResult:
         epochs: epochs run.
         excluded: rows dropped because ``x`` or ``θ`` was not finite.
         seconds: wall time of training in this call (compilation included).
-        compilations: times the epoch function was traced in this call (1 unless shapes
-            changed; 0 when a finished checkpoint was returned).
+        compilations: times this call traced (compiled) the epoch function: 1, or 0
+            when an earlier training in this process compiled the same program (same
+            flow structure, data sizes and optimiser settings) or a finished checkpoint
+            was returned; more only if shapes changed between epochs.
         resumed_from: epochs taken from a checkpoint (0: trained from scratch).
         diverged_at: the epoch whose loss was not finite, where training stopped
             (``None``: it did not diverge).
@@ -231,8 +238,8 @@ _MAX_FOLDED_VALIDATION = 100_000
 _STATS = ("theta_mean", "theta_std", "x_mean", "x_std")
 
 
-class _EpochRunner:
-    """The compiled epoch: shuffle on device, ``lax.scan`` over minibatches, validation.
+class _EpochPrograms:
+    """The compiled epoch and validation programs of one flow structure and optimiser.
 
     Inside the epoch the parameters are one flat vector (``ravel_pytree``): Adam and
     global-norm clipping are elementwise / a global norm, so this is the same update,
@@ -240,30 +247,31 @@ class _EpochRunner:
     parameter leaf (the NSF epoch program drops from ~400 to ~330 kernels and compiles
     ~10 % faster; the step time is unchanged within noise). The optimiser state
     therefore lives on the flat vector (:meth:`init_opt_state`).
+
+    The programs take the standardisation statistics as arguments, so they serve every
+    flow with the same :meth:`~ConditionalFlow.structure_key` and one set of optimiser
+    settings: they are shared through :data:`_EPOCH_PROGRAMS`.
     """
 
     def __init__(self, flow: ConditionalFlow, config: NPEConfig):
-        self.flow, self.config = flow, config
-        self.traces = 0
+        self.flow, self.batch_size = flow, config.batch_size
+        self.traces = 0  # epoch traces, ever: each is one compilation
         parts = []
         if config.clip_norm is not None:
             parts.append(optax.clip_by_global_norm(config.clip_norm))
         parts.append(optax.adam(config.learning_rate))
         self.optimizer = optax.chain(*parts)
-        self._epoch = jax.jit(self._epoch_impl, donate_argnums=(0, 1))
-        self._val = jax.jit(self._val_impl)
-        std = flow.standardization
-        self._stats = tuple(jnp.asarray(getattr(std, f), jnp.float32) for f in _STATS)
+        self.epoch = jax.jit(self._epoch_impl, donate_argnums=(0, 1))
+        self.val = jax.jit(self._val_impl)
+        self.init_opt_state = jax.jit(lambda p: self.optimizer.init(ravel_pytree(p)[0]),
+                                      compiler_options=_RUN_ONCE)
 
-    def init_opt_state(self, params):
-        """Optimiser state for ``params`` (on their flattened vector)."""
-        init = lambda p: self.optimizer.init(ravel_pytree(p)[0])  # noqa: E731
-        return jax.jit(init, compiler_options=_RUN_ONCE)(params)
+    @staticmethod
+    def key(flow: ConditionalFlow, config: NPEConfig) -> str:
+        return json_sha256([flow.structure_key(), config.learning_rate, config.clip_norm,
+                            config.batch_size])
 
     def _flow_with(self, stats):
-        # The standardisation statistics enter the compiled programs as arguments, not
-        # constants, so the programs depend only on the config and the data's shapes
-        # (a persistent compilation cache then serves new data of the same size).
         std = dataclasses.replace(self.flow.standardization, **dict(zip(_STATS, stats)))
         return dataclasses.replace(self.flow, standardization=std)
 
@@ -271,14 +279,11 @@ class _EpochRunner:
     def _loss(flow, params, theta, x):
         return -jnp.mean(flow.log_prob(params, theta, x))
 
-    def loss(self, params, theta, x):
-        return self._loss(self.flow, params, theta, x)
-
     def _epoch_impl(self, params, opt_state, key, theta, x, stats, theta_val=None,
                     x_val=None):
         self.traces += 1  # runs only while tracing: counts compilations
         flow = self._flow_with(stats)
-        bs = self.config.batch_size
+        bs = self.batch_size
         n = theta.shape[0]
         n_batches = max(n // bs, 1)
         bs = min(bs, n)
@@ -305,20 +310,50 @@ class _EpochRunner:
     def _val_impl(self, params, theta, x, stats):
         return self._loss(self._flow_with(stats), params, theta, x)
 
+
+#: Compiled epoch programs, shared by the trainings of one process (the seeds of a
+#: sweep, an experiment's runs): each flow structure and optimiser compiles once.
+_EPOCH_PROGRAMS = ProgramCache("NPE epoch")
+
+
+class _EpochRunner:
+    """One training's view of the compiled epoch: its flow's standardisation statistics.
+
+    The epoch program shuffles on device, runs a ``lax.scan`` over the minibatches and
+    then the validation loss (:class:`_EpochPrograms`); :attr:`traces` counts the
+    compilations this training caused (0 when an earlier training compiled the program).
+    """
+
+    def __init__(self, flow: ConditionalFlow, config: NPEConfig):
+        self.programs = _EPOCH_PROGRAMS.get(_EpochPrograms.key(flow, config),
+                                            lambda: _EpochPrograms(flow, config))
+        self._traces_before = self.programs.traces
+        std = flow.standardization
+        self._stats = tuple(jnp.asarray(getattr(std, f), jnp.float32) for f in _STATS)
+
+    @property
+    def traces(self) -> int:
+        return self.programs.traces - self._traces_before
+
+    def init_opt_state(self, params):
+        """Optimiser state for ``params`` (on their flattened vector)."""
+        return self.programs.init_opt_state(params)
+
     def epoch(self, params, opt_state, key, theta, x):
         """One epoch over ``(theta, x)``: ``(params, opt_state, mean train loss)``."""
-        return self._epoch(params, opt_state, key, theta, x, self._stats)
+        return self.programs.epoch(params, opt_state, key, theta, x, self._stats)
 
     def epoch_and_validation(self, params, opt_state, key, theta, x, theta_val, x_val):
         """One epoch, then the validation loss of the new weights, in one compiled call."""
-        return self._epoch(params, opt_state, key, theta, x, self._stats, theta_val, x_val)
+        return self.programs.epoch(params, opt_state, key, theta, x, self._stats,
+                                   theta_val, x_val)
 
     def validation(self, params, theta, x, chunk: int = 50_000) -> float:
         n = theta.shape[0]
         total = 0.0
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            total += float(self._val(params, theta[a:b], x[a:b], self._stats)) * (b - a)
+            total += float(self.programs.val(params, theta[a:b], x[a:b], self._stats)) * (b - a)
         return total / n
 
 

@@ -10,6 +10,7 @@ from sbi_engine import BoxUniform, ConfigError, Gaussian, ShapeError
 from sbi_engine.flows import FlowConfig
 from sbi_engine.npe import NPEConfig, train_npe, train_tsnpe
 from sbi_engine.posterior import Posterior, PosteriorFileError, SamplingError, seal_header
+from sbi_engine.programs import clear_compiled_programs
 
 # Conjugate model: θ ~ N(0, I₂), x | θ ~ N(θ, σ² I₂)  →  θ | x ~ N(x / (1 + σ²), σ²/(1+σ²) I).
 SIGMA2 = 0.25
@@ -30,6 +31,7 @@ def trained():
     theta, x = conjugate_data(3000)
     x[:7] = np.nan  # failed simulations must be excluded, not crash training
     cfg = NPEConfig.for_estimator("maf", **SMALL)
+    clear_compiled_programs()  # compiles here, whichever test trained this flow before
     return train_npe(jax.random.PRNGKey(0), theta, x, config=cfg,
                      prior=Gaussian([0.0, 0.0], np.eye(2)), progress=False)
 
@@ -46,6 +48,41 @@ def test_training_recovers_the_analytic_posterior(trained):
     np.testing.assert_allclose(s.std(0), post_std, rtol=0.15)
     theta_map = trained.posterior.map(x_o, key=jax.random.PRNGKey(2))
     np.testing.assert_allclose(theta_map, post_mean, atol=0.1)
+
+
+def test_trainings_of_one_structure_share_the_compiled_epoch():
+    """A second training with new data of the same shapes reuses the compiled epoch (its
+    standardisation statistics are arguments) and gives exactly what a fresh compile gives;
+    a different structure compiles its own."""
+    cfg = NPEConfig.for_estimator("nsf", hidden=8, transforms=2, max_epochs=3, batch_size=100)
+    theta_a, x_a = conjugate_data(600, seed=1)
+    theta_b, x_b = conjugate_data(600, seed=2)
+    x_b = 3.0 * x_b + 1.0  # other statistics, same shapes
+
+    def train(theta, x, config=cfg, **kw):
+        return train_npe(jax.random.PRNGKey(3), theta, x, config=config, progress=False, **kw)
+
+    clear_compiled_programs()
+    assert train(theta_a, x_a).compilations == 1
+    reused = train(theta_b, x_b)
+    assert reused.compilations == 0
+    clear_compiled_programs()
+    fresh = train(theta_b, x_b)
+    assert fresh.compilations == 1
+    assert reused.train_loss == fresh.train_loss and reused.val_loss == fresh.val_loss
+    leaves = zip(jax.tree.leaves(reused.posterior.params), jax.tree.leaves(fresh.posterior.params))
+    for u, v in leaves:
+        np.testing.assert_array_equal(u, v)
+    # Anything the traced program depends on besides arrays: a new compilation.
+    assert train(theta_b, x_b, config=NPEConfig.for_estimator(
+        "nsf", hidden=8, transforms=2, max_epochs=3, batch_size=50)).compilations == 1
+    bounded = NPEConfig.for_estimator("nsf", hidden=8, transforms=2, max_epochs=3,
+                                      batch_size=100, z_score_theta="transform_to_unconstrained")
+    box = BoxUniform([-9.0, -9.0], [9.0, 9.0])
+    assert train(theta_b, x_b, config=bounded, prior=box).compilations == 1
+    assert train(theta_b, x_b, config=bounded,
+                 prior=BoxUniform([-8.0, -9.0], [9.0, 9.0])).compilations == 1
+    assert train(theta_b, x_b, config=bounded, prior=box).compilations == 0
 
 
 def test_loss_decreases_and_metadata(trained):
@@ -227,6 +264,7 @@ def test_streamed_training_from_the_store(toy_dataset):
     seen = []
     cfg = NPEConfig.for_estimator("maf", hidden=16, transforms=2, max_epochs=4,
                                   stop_after_epochs=5, batch_size=100)
+    clear_compiled_programs()
     result = train_npe_from_dataset(jax.random.PRNGKey(0), ds, config=cfg, progress=False,
                                     memory_rows=500, callback=lambda *a: seen.append(a))
     assert result.epochs == 4 and len(seen) == 4

@@ -17,6 +17,7 @@ from flax import serialization
 from sbi_engine import npe
 from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.npe import CheckpointError, NPEConfig, train_npe, train_npe_from_dataset
+from sbi_engine.programs import clear_compiled_programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = NPEConfig.for_estimator("maf", hidden=8, transforms=1, max_epochs=8, batch_size=50)
@@ -84,6 +85,7 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(reference, t
     header, _ = read_checkpoint(path)
     assert header["epochs"] == (5 if every == 1 else 3) and header["stop"] is None
     seen = []
+    clear_compiled_programs()  # as in a new process: the resumed run compiles once
     res = train(path, checkpoint_every=every, callback=lambda *a: seen.append(a[0]))
     assert_same(res, reference)
     assert res.resumed_from == header["epochs"] and seen == list(range(res.resumed_from, 8))

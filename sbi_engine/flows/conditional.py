@@ -41,6 +41,8 @@ from sbi_engine.flows.maf import build_maf_block
 from sbi_engine.flows.spline import build_nsf_ar_block, build_nsf_block
 from sbi_engine.flows.standardize import Standardization
 from sbi_engine.priors import Prior
+from sbi_engine.programs import ProgramCache
+from sbi_engine.store import json_sha256
 
 __all__ = ["FLOWS", "ConditionalFlow", "build_flow", "build_flow_from_data"]
 
@@ -60,6 +62,9 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 #: XLA options for programs that run once (parameter initialisation).
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+#: Compiled ``init`` programs by :attr:`ConditionalFlow.structure_key`.
+_INIT_PROGRAMS = ProgramCache("flow init")
 
 
 def _std_normal_logpdf(u: Array) -> Array:
@@ -87,6 +92,27 @@ class ConditionalFlow:
     _consts: Mapping[str, np.ndarray] = dataclasses.field(repr=False)
     _embedding: nn.Module | None = dataclasses.field(repr=False)
 
+    # -- compiled-program identity -------------------------------------------------------
+
+    def structure_key(self, *, standardization: bool = True) -> str:
+        """sha256 of what this flow's traced programs depend on besides array arguments.
+
+        Two flows with the same key trace to the same program once the standardisation
+        statistics (``theta_mean``, ``theta_std``, ``x_mean``, ``x_std``) are passed as
+        arguments: the config, ``theta_dim``, ``x_shape``, ``context_dim``, the shapes of
+        the statistics and the prior bijection; everything else is built from these
+        (as when a saved posterior is loaded). ``standardization=False`` leaves the
+        standardisation out (for programs that do not use it, like :meth:`init`).
+        """
+        parts: list[Any] = [self.config.to_dict(), self.theta_dim, list(self.x_shape),
+                            self.context_dim]
+        if standardization:
+            std = self.standardization
+            parts.append([list(np.shape(getattr(std, f)))
+                          for f in ("theta_mean", "theta_std", "x_mean", "x_std")])
+            parts.append(None if std.prior is None else std.prior.to_dict())
+        return json_sha256(parts)
+
     # -- parameters ----------------------------------------------------------------------
 
     def init(self, key: Array) -> Params:
@@ -98,9 +124,12 @@ class ConditionalFlow:
         # One compiled program: run eagerly, the initialisers dispatch (and compile)
         # dozens of small ops one by one, which takes seconds on CPU. It runs once, so
         # XLA's backend optimisations would cost more compile time than they save.
+        # Flows of one structure share the compiled program (sbi_engine.programs).
         if isinstance(key, jax.core.Tracer):  # already inside jit / vmap: trace inline
             return self._init(key)
-        return jax.jit(self._init, compiler_options=_FAST_COMPILE)(key)
+        init = _INIT_PROGRAMS.get(self.structure_key(standardization=False),
+                                  lambda: jax.jit(self._init, compiler_options=_FAST_COMPILE))
+        return init(key)
 
     def _init(self, key: Array) -> Params:
         k_emb, k_layers = jax.random.split(key)
