@@ -606,6 +606,28 @@ def train_npe(
                 num_train=int(n - n_val), checkpoint=ckpt)
 
 
+def _eta(st: _TrainState, epoch: int, config: NPEConfig, stamps: list[float]) -> str:
+    """The progress bar's ETA: when training stops if the validation loss does not improve.
+
+    Early stopping makes the end unknowable in advance; what is known is the last epoch
+    it can run without a new best (patience, or ``max_epochs``), so the bar shows that
+    many epochs at the current pace, the first epoch (compilation) excluded.
+    """
+    if st.stop:
+        return ""
+    left = min(config.stop_after_epochs - (epoch - st.best_epoch), config.max_epochs - epoch - 1)
+    steady = np.diff(stamps[1:]) if len(stamps) > 2 else np.diff(stamps)
+    seconds = left * float(np.mean(steady[-20:]))
+    return f", ETA {_clock(seconds)} ({left} epoch{'s' if left != 1 else ''}) unless val improves"
+
+
+def _clock(seconds: float) -> str:
+    """``75.0 -> '1:15'``, ``4000 -> '1:06:40'``."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 #: Streamed training data: ``source(epoch_key)`` yields equal-shaped ``(θ, x)`` blocks.
 BlockSource = Callable[[jax.Array], Iterator[tuple[np.ndarray, np.ndarray]]]
 
@@ -637,6 +659,7 @@ def _fit(flow, params, source, theta_val, x_val, k_epochs, *, config, prior, pro
     stream = callable(source)
     fold_validation = not stream and theta_val.shape[0] <= _MAX_FOLDED_VALIDATION
     t0 = time.perf_counter()
+    stamps = [t0]  # end of every epoch of this call, for the ETA
     bar = tqdm(total=config.max_epochs, initial=resumed, desc="train NPE", unit="epoch",
                disable=not progress or bool(st.stop), dynamic_ncols=True,
                bar_format="{desc}: {n_fmt} epochs [{elapsed}, {rate_fmt}] {postfix}")
@@ -678,8 +701,10 @@ def _fit(flow, params, source, theta_val, x_val, k_epochs, *, config, prior, pro
                         st.params, st.opt_state, st.epoch = host(params), host(opt_state), epoch + 1
                     checkpoint.save(st)
                 bar.update(1)
+                stamps.append(time.perf_counter())
                 bar.set_postfix_str(f"train {train_loss:.4f}, val {val_loss:.4f}, "
-                                    f"best {st.best_val:.4f} @ {st.best_epoch}")
+                                    f"best {st.best_val:.4f} @ {st.best_epoch}"
+                                    + _eta(st, epoch, config, stamps))
                 if callback is not None:
                     callback(epoch, train_loss, val_loss)
                 epoch += 1

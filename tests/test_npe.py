@@ -85,6 +85,22 @@ def test_trainings_of_one_structure_share_the_compiled_epoch():
     assert train(theta_b, x_b, config=bounded, prior=box).compilations == 0
 
 
+def test_progress_eta_counts_the_epochs_left_to_early_stopping():
+    from sbi_engine.npe import _eta, _TrainState
+
+    st = _TrainState(params=None, opt_state=None, best_params=None, best_epoch=7)
+    cfg = NPEConfig(stop_after_epochs=20, max_epochs=1000)
+    stamps = [0.0, 30.0, 32.0, 34.0]  # a 30 s first epoch (compilation), then 2 s epochs
+    # After epoch 9 with the best at 7: it stops after epoch 27, 18 epochs from now.
+    assert _eta(st, 9, cfg, stamps) == ", ETA 0:36 (18 epochs) unless val improves"
+    assert _eta(st, 9, NPEConfig(stop_after_epochs=20, max_epochs=11), stamps).startswith(
+        ", ETA 0:02 (1 epoch)")  # max_epochs comes first
+    long = _eta(st, 9, NPEConfig(stop_after_epochs=5000), stamps)
+    assert long.startswith(", ETA 2:46:36 (4998 epochs)")
+    st.stop = "early_stop"
+    assert _eta(st, 27, cfg, stamps) == ""
+
+
 def test_loss_decreases_and_metadata(trained):
     assert trained.train_loss[-1] < trained.train_loss[0]
     s = trained.summary()
