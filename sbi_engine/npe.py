@@ -39,7 +39,8 @@ CPU for the default flows, more on a loaded machine); later epochs reuse it. So 
 trainings in the same process: the compiled programs take the standardisation
 statistics as arguments and are kept by flow structure (config, shapes, prior
 bijection) and optimiser settings (:mod:`sbi_engine.programs`), so the seeds of a sweep
-or an experiment's runs on data of one size compile once
+or an experiment's runs on data of one size compile once (and their posteriors share
+one compiled ``sample`` and ``log_prob``)
 (``TrainResult.compilations`` is 0 for a training that reused a program;
 :func:`~sbi_engine.programs.clear_compiled_programs` frees them). Separate processes
 can share compilations through JAX's persistent compilation cache, which the engine
@@ -234,9 +235,6 @@ _RUN_ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_pa
 #: program (one compilation, one dispatch per epoch); above it, in chunks.
 _MAX_FOLDED_VALIDATION = 100_000
 
-#: Standardization fields passed to the compiled programs as arguments.
-_STATS = ("theta_mean", "theta_std", "x_mean", "x_std")
-
 
 class _EpochPrograms:
     """The compiled epoch and validation programs of one flow structure and optimiser.
@@ -271,10 +269,6 @@ class _EpochPrograms:
         return json_sha256([flow.structure_key(), config.learning_rate, config.clip_norm,
                             config.batch_size])
 
-    def _flow_with(self, stats):
-        std = dataclasses.replace(self.flow.standardization, **dict(zip(_STATS, stats)))
-        return dataclasses.replace(self.flow, standardization=std)
-
     @staticmethod
     def _loss(flow, params, theta, x):
         return -jnp.mean(flow.log_prob(params, theta, x))
@@ -282,7 +276,7 @@ class _EpochPrograms:
     def _epoch_impl(self, params, opt_state, key, theta, x, stats, theta_val=None,
                     x_val=None):
         self.traces += 1  # runs only while tracing: counts compilations
-        flow = self._flow_with(stats)
+        flow = self.flow.with_statistics(stats)
         bs = self.batch_size
         n = theta.shape[0]
         n_batches = max(n // bs, 1)
@@ -308,7 +302,7 @@ class _EpochPrograms:
         return params, opt_state, jnp.mean(losses), self._loss(flow, params, theta_val, x_val)
 
     def _val_impl(self, params, theta, x, stats):
-        return self._loss(self._flow_with(stats), params, theta, x)
+        return self._loss(self.flow.with_statistics(stats), params, theta, x)
 
 
 #: Compiled epoch programs, shared by the trainings of one process (the seeds of a
@@ -328,8 +322,7 @@ class _EpochRunner:
         self.programs = _EPOCH_PROGRAMS.get(_EpochPrograms.key(flow, config),
                                             lambda: _EpochPrograms(flow, config))
         self._traces_before = self.programs.traces
-        std = flow.standardization
-        self._stats = tuple(jnp.asarray(getattr(std, f), jnp.float32) for f in _STATS)
+        self._stats = flow.statistics()
 
     @property
     def traces(self) -> int:

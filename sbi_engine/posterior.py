@@ -35,6 +35,7 @@ from flax import serialization
 from sbi_engine.errors import SbiEngineError, ShapeError
 from sbi_engine.flows import ConditionalFlow, FlowConfig, Standardization, build_flow
 from sbi_engine.priors import Prior, prior_from_dict
+from sbi_engine.programs import ProgramCache
 from sbi_engine.store import atomic_write_dir, json_sha256, jsonable
 
 __all__ = [
@@ -274,6 +275,21 @@ class BasePosterior(abc.ABC):
         return theta if both[0] >= both[1] else np.asarray(theta0)
 
 
+class _FlowPrograms:
+    """``log_prob`` and ``sample`` of one flow structure, compiled once per process."""
+
+    def __init__(self, flow: ConditionalFlow):
+        self.log_prob = jax.jit(lambda stats, params, theta, x:
+                                flow.with_statistics(stats).log_prob(params, theta, x))
+        self.sample = jax.jit(lambda stats, params, key, x, n:
+                              flow.with_statistics(stats).sample(params, key, x, n),
+                              static_argnums=(4,))
+
+
+#: Compiled posterior programs by :meth:`ConditionalFlow.structure_key`.
+_FLOW_PROGRAMS = ProgramCache("posterior")
+
+
 class Posterior(BasePosterior):
     """A trained JAX posterior estimator (conditional flow + parameters).
 
@@ -291,8 +307,11 @@ class Posterior(BasePosterior):
         self.prior = prior
         self.metadata = dict(metadata or {})
         self.acceptance_rate = None
-        self._log_prob = jax.jit(flow.log_prob)
-        self._sample = jax.jit(flow.sample, static_argnums=(3,))
+        # Posteriors of one flow structure share their compiled programs (the
+        # standardisation statistics are arguments): sampling the tenth model of a sweep
+        # does not compile again.
+        self._programs = _FLOW_PROGRAMS.get(flow.structure_key(), lambda: _FlowPrograms(flow))
+        self._stats = flow.statistics()
 
     @property
     def theta_dim(self) -> int:
@@ -303,10 +322,10 @@ class Posterior(BasePosterior):
         return self.flow.x_shape
 
     def _draw(self, key, batch, x):
-        return np.asarray(self._sample(self.params, key, x, batch))
+        return np.asarray(self._programs.sample(self._stats, self.params, key, x, batch))
 
     def _log_prob_rows(self, theta, x, batched):
-        return np.asarray(self._log_prob(self.params, theta, x))
+        return np.asarray(self._programs.log_prob(self._stats, self.params, theta, x))
 
     def _climb(self, theta0, x, low, high, steps, learning_rate):
         opt = optax.adam(learning_rate)

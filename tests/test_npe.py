@@ -51,10 +51,10 @@ def test_training_recovers_the_analytic_posterior(trained):
 
 
 def test_trainings_of_one_structure_share_the_compiled_epoch():
-    """A second training with new data of the same shapes reuses the compiled epoch (its
-    standardisation statistics are arguments) and gives exactly what a fresh compile gives;
-    a different structure compiles its own."""
-    cfg = NPEConfig.for_estimator("nsf", hidden=8, transforms=2, max_epochs=3, batch_size=100)
+    """A second training with new data of the same shapes reuses the compiled epoch and
+    posterior programs (the standardisation statistics are arguments) and gives exactly
+    what fresh compilations give; a different structure compiles its own."""
+    cfg = NPEConfig.for_estimator("maf", hidden=8, transforms=2, max_epochs=2, batch_size=100)
     theta_a, x_a = conjugate_data(600, seed=1)
     theta_b, x_b = conjugate_data(600, seed=2)
     x_b = 3.0 * x_b + 1.0  # other statistics, same shapes
@@ -62,21 +62,27 @@ def test_trainings_of_one_structure_share_the_compiled_epoch():
     def train(theta, x, config=cfg, **kw):
         return train_npe(jax.random.PRNGKey(3), theta, x, config=config, progress=False, **kw)
 
+    key, x_o = jax.random.PRNGKey(4), x_b[0]
     clear_compiled_programs()
-    assert train(theta_a, x_a).compilations == 1
+    first = train(theta_a, x_a)
+    assert first.compilations == 1
+    first.posterior.sample(key, 50, x_o)  # the posterior programs compile for this flow
     reused = train(theta_b, x_b)
     assert reused.compilations == 0
+    drawn = reused.posterior.sample(key, 50, x_o), reused.posterior.log_prob(theta_b, x_b)
     clear_compiled_programs()
     fresh = train(theta_b, x_b)
     assert fresh.compilations == 1
     assert reused.train_loss == fresh.train_loss and reused.val_loss == fresh.val_loss
+    np.testing.assert_array_equal(drawn[0], fresh.posterior.sample(key, 50, x_o))
+    np.testing.assert_array_equal(drawn[1], fresh.posterior.log_prob(theta_b, x_b))
     leaves = zip(jax.tree.leaves(reused.posterior.params), jax.tree.leaves(fresh.posterior.params))
     for u, v in leaves:
         np.testing.assert_array_equal(u, v)
     # Anything the traced program depends on besides arrays: a new compilation.
     assert train(theta_b, x_b, config=NPEConfig.for_estimator(
-        "nsf", hidden=8, transforms=2, max_epochs=3, batch_size=50)).compilations == 1
-    bounded = NPEConfig.for_estimator("nsf", hidden=8, transforms=2, max_epochs=3,
+        "maf", hidden=8, transforms=2, max_epochs=2, batch_size=50)).compilations == 1
+    bounded = NPEConfig.for_estimator("maf", hidden=8, transforms=2, max_epochs=2,
                                       batch_size=100, z_score_theta="transform_to_unconstrained")
     box = BoxUniform([-9.0, -9.0], [9.0, 9.0])
     assert train(theta_b, x_b, config=bounded, prior=box).compilations == 1

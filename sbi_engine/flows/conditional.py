@@ -63,7 +63,10 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: XLA options for programs that run once (parameter initialisation).
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
-#: Compiled ``init`` programs by :attr:`ConditionalFlow.structure_key`.
+#: The standardisation fields that compiled programs take as arguments.
+STATISTICS = ("theta_mean", "theta_std", "x_mean", "x_std")
+
+#: Compiled ``init`` programs by :meth:`ConditionalFlow.structure_key`.
 _INIT_PROGRAMS = ProgramCache("flow init")
 
 
@@ -108,10 +111,23 @@ class ConditionalFlow:
                             self.context_dim]
         if standardization:
             std = self.standardization
-            parts.append([list(np.shape(getattr(std, f)))
-                          for f in ("theta_mean", "theta_std", "x_mean", "x_std")])
+            parts.append([list(np.shape(getattr(std, f))) for f in STATISTICS])
             parts.append(None if std.prior is None else std.prior.to_dict())
         return json_sha256(parts)
+
+    def statistics(self) -> tuple[Array, ...]:
+        """The standardisation statistics as float32 arrays, in :data:`STATISTICS` order."""
+        std = self.standardization
+        return tuple(jnp.asarray(getattr(std, f), jnp.float32) for f in STATISTICS)
+
+    def with_statistics(self, stats: tuple[Array, ...]) -> ConditionalFlow:
+        """This flow with other standardisation statistics (traced arrays allowed).
+
+        Programs traced through ``flow.with_statistics(stats)`` with ``stats`` as an
+        argument serve every flow of the same :meth:`structure_key`.
+        """
+        std = dataclasses.replace(self.standardization, **dict(zip(STATISTICS, stats)))
+        return dataclasses.replace(self, standardization=std)
 
     # -- parameters ----------------------------------------------------------------------
 
