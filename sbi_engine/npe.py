@@ -244,7 +244,7 @@ class _EpochPrograms:
     but the optimiser becomes a handful of fused kernels instead of a handful per
     parameter leaf (the NSF epoch program drops from ~400 to ~330 kernels and compiles
     ~10 % faster; the step time is unchanged within noise). The optimiser state
-    therefore lives on the flat vector (:meth:`init_opt_state`).
+    therefore lives on the flat vector (``init_opt_state``).
 
     The programs take the standardisation statistics as arguments, so they serve every
     flow with the same :meth:`~ConditionalFlow.structure_key` and one set of optimiser
