@@ -91,6 +91,21 @@ def test_trainings_of_one_structure_share_the_compiled_epoch():
     assert train(theta_b, x_b, config=bounded, prior=box).compilations == 0
 
 
+def test_a_prior_without_to_dict_still_trains_with_programs_of_its_own(monkeypatch):
+    def broken(self):
+        raise NotImplementedError("a user's prior")
+
+    monkeypatch.setattr(BoxUniform, "to_dict", broken)
+    cfg = NPEConfig.for_estimator("maf", hidden=8, transforms=1, max_epochs=1, batch_size=100,
+                                  z_score_theta="transform_to_unconstrained")
+    theta, x = conjugate_data(300)
+    box = BoxUniform([-9.0, -9.0], [9.0, 9.0])
+    runs = [train_npe(jax.random.PRNGKey(0), theta, x, config=cfg, prior=box, progress=False)
+            for _ in range(2)]
+    assert [r.compilations for r in runs] == [1, 1]
+    assert runs[0].val_loss == runs[1].val_loss
+
+
 def test_progress_eta_counts_the_epochs_left_to_early_stopping():
     from sbi_engine.npe import _eta, _TrainState
 

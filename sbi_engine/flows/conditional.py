@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -112,7 +113,10 @@ class ConditionalFlow:
         if standardization:
             std = self.standardization
             parts.append([list(np.shape(getattr(std, f))) for f in STATISTICS])
-            parts.append(None if std.prior is None else std.prior.to_dict())
+            try:
+                parts.append(None if std.prior is None else std.prior.to_dict())
+            except Exception:  # noqa: BLE001 - a prior that cannot describe itself
+                parts.append(f"not shared: {uuid.uuid4()}")  # gets programs of its own
         return json_sha256(parts)
 
     def statistics(self) -> tuple[Array, ...]:
