@@ -82,7 +82,7 @@ from sbi_engine.flows import ConditionalFlow, FlowConfig, build_flow_from_data
 from sbi_engine.interrupt import ctrl_c_latch
 from sbi_engine.posterior import Posterior, PosteriorFileError
 from sbi_engine.priors import Prior
-from sbi_engine.programs import ProgramCache
+from sbi_engine.programs import RUN_ONCE, ProgramCache
 from sbi_engine.store import atomic_write_bytes, json_sha256, jsonable
 
 __all__ = [
@@ -227,10 +227,6 @@ def check_training_data(theta: Any, x: Any) -> tuple[np.ndarray, np.ndarray]:
     return theta, x
 
 
-#: XLA options for programs that run once per training (the optimiser-state init):
-#: backend optimisations would cost more compile time than they save.
-_RUN_ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
 #: Up to this many validation rows, the validation loss is computed inside the epoch
 #: program (one compilation, one dispatch per epoch); above it, in chunks.
 _MAX_FOLDED_VALIDATION = 100_000
@@ -262,7 +258,7 @@ class _EpochPrograms:
         self.epoch = jax.jit(self._epoch_impl, donate_argnums=(0, 1))
         self.val = jax.jit(self._val_impl)
         self.init_opt_state = jax.jit(lambda p: self.optimizer.init(ravel_pytree(p)[0]),
-                                      compiler_options=_RUN_ONCE)
+                                      compiler_options=RUN_ONCE)
 
     @staticmethod
     def key(flow: ConditionalFlow, config: NPEConfig) -> str:

@@ -21,7 +21,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ProgramCache", "clear_compiled_programs"]
+__all__ = ["RUN_ONCE", "ProgramCache", "clear_compiled_programs"]
+
+#: XLA compiler options for programs that run once per model (parameter and optimiser
+#: initialisation): backend optimisations would cost more compile time than they save.
+RUN_ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 _CACHES: list[ProgramCache] = []
 

@@ -42,7 +42,7 @@ from sbi_engine.flows.maf import build_maf_block
 from sbi_engine.flows.spline import build_nsf_ar_block, build_nsf_block
 from sbi_engine.flows.standardize import Standardization
 from sbi_engine.priors import Prior
-from sbi_engine.programs import ProgramCache
+from sbi_engine.programs import RUN_ONCE, ProgramCache
 from sbi_engine.store import json_sha256
 
 __all__ = ["FLOWS", "ConditionalFlow", "build_flow", "build_flow_from_data"]
@@ -60,9 +60,6 @@ FLOWS: dict[str, BlockBuilder] = {
 assert tuple(FLOWS) == FLOW_KINDS
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-#: XLA options for programs that run once (parameter initialisation).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 #: The standardisation fields that compiled programs take as arguments.
 STATISTICS = ("theta_mean", "theta_std", "x_mean", "x_std")
@@ -148,7 +145,7 @@ class ConditionalFlow:
         if isinstance(key, jax.core.Tracer):  # already inside jit / vmap: trace inline
             return self._init(key)
         init = _INIT_PROGRAMS.get(self.structure_key(standardization=False),
-                                  lambda: jax.jit(self._init, compiler_options=_FAST_COMPILE))
+                                  lambda: jax.jit(self._init, compiler_options=RUN_ONCE))
         return init(key)
 
     def _init(self, key: Array) -> Params:
