@@ -26,10 +26,9 @@ from __future__ import annotations
 import os
 import sys
 
-if "--threads-all" not in sys.argv:  # one CPU thread for XLA, before jax is imported
+if "--threads-all" not in sys.argv:  # single-threaded XLA kernels (pool size: --xla-pool)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false"
-                               + " intra_op_parallelism_threads=1")
+                               + " --xla_cpu_multi_thread_eigen=false")
 
 import argparse
 import importlib
@@ -42,6 +41,7 @@ import numpy as np
 from sbi_engine import get_simulator
 from sbi_engine.diagnostics import c2st_sbibm
 from sbi_engine.npe import NPEConfig, train_npe, train_tsnpe
+from sbi_engine.runtime import cpu_pool_threads, limit_cpu_threads
 from sbi_engine.simulate import simulate
 from sbi_engine.store import atomic_write_bytes
 
@@ -152,6 +152,10 @@ def main() -> None:
                         help="TSNPE rounds; --num is split evenly between them (default 2)")
     parser.add_argument("--threads-all", action="store_true",
                         help="let torch and XLA use every core (default: one thread each)")
+    parser.add_argument("--xla-pool", type=int, default=1,
+                        help="threads in XLA's CPU runtime pool (default 1, so XLA runs on "
+                             "one thread; 0: one per core, the runtime's default; see "
+                             "sbi_engine.runtime)")
     parser.add_argument("--c2st-jobs", type=int, default=1,
                         help="processes for the sbibm C2STs, run after a task's trainings "
                              "so they never overlap a timed training (default 1)")
@@ -159,6 +163,8 @@ def main() -> None:
                         help="our NSF's conditioner init (FlowConfig.nsf_init)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
+    if not args.threads_all and args.xla_pool:
+        limit_cpu_threads(args.xla_pool)
 
     try:
         import torch
@@ -170,7 +176,8 @@ def main() -> None:
         torch_info = "torch not installed: sbi methods skipped"
         args.methods = [m for m in args.methods if not m.startswith("sbi")]
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}; "
-          f"{os.cpu_count()} CPU cores; N = {args.num:,}; observations {args.observations}")
+          f"{os.cpu_count()} CPU cores; XLA pool {cpu_pool_threads()}; N = {args.num:,}; "
+          f"observations {args.observations}")
 
     rows = []
     for task in args.tasks:

@@ -41,10 +41,10 @@ import os
 import sys
 
 if __name__ == "__main__" and "--threads-all" not in sys.argv:  # before jax is imported
-    # one CPU thread for XLA (not when imported, e.g. by the smoke test)
+    # single-threaded XLA kernels (not when imported, e.g. by the smoke test); the
+    # pool size is --xla-pool
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false"
-                               + " intra_op_parallelism_threads=1")
+                               + " --xla_cpu_multi_thread_eigen=false")
 
 import argparse
 import json
@@ -60,6 +60,7 @@ from matplotlib.figure import Figure
 from sbi_engine import classify as C
 from sbi_engine.events import make_dataset
 from sbi_engine.plotting import save_figure
+from sbi_engine.runtime import cpu_pool_threads, limit_cpu_threads
 from sbi_engine.significance import ams, asimov_z, threshold_scan
 from sbi_engine.store import atomic_write_bytes
 from simulators.toy_physics import pivot
@@ -228,6 +229,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads-all", action="store_true",
                         help="let XLA use every CPU core (default: one thread)")
+    parser.add_argument("--xla-pool", type=int, default=1,
+                        help="threads in XLA's CPU runtime pool (default 1, so XLA runs on "
+                             "one thread; 0: one per core, the runtime's default; see "
+                             "sbi_engine.runtime)")
     parser.add_argument("--no-pivot", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
     return parser.parse_args(argv)
@@ -235,10 +240,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
+    if not args.threads_all and args.xla_pool:
+        limit_cpu_threads(args.xla_pool)
     out = Path(args.out)
     gen = pivot.build()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
-          f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores", flush=True)
+          f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores, XLA pool "
+          f"{cpu_pool_threads()}", flush=True)
     results: dict = {"config": vars(args)}
     if not args.no_pivot:
         res = train_pivot(args, gen)

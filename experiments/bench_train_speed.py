@@ -2,11 +2,13 @@
 
 Same data, same architecture (hidden 50, 5 transforms, 10 bins) and same training
 defaults (Adam 5e-4, batch 200, clip 5, 10 % validation, patience 20) for both; torch
-on one thread, XLA on one CPU thread. For every flow kind, in one process and
-alternating (ours, sbi, ours, sbi, ... with ``--repeats``; repeat ``r`` trains both
-sides with seed ``seed + r``, and with several repeats the summary's whole-training
-ratio is summed sbi wall time over summed ours, since the epoch count to early stopping
-varies with the seed), it records:
+on one thread, XLA on one CPU thread (single-threaded kernels and a runtime pool of one
+thread, :func:`sbi_engine.runtime.limit_cpu_threads`; ``--xla-pool 0`` keeps the
+runtime's pool of one thread per core, which this script used before). For every flow
+kind, in one process and alternating (ours, sbi, ours, sbi, ... with ``--repeats``;
+repeat ``r`` trains both sides with seed ``seed + r``, and with several repeats the
+summary's whole-training ratio is summed sbi wall time over summed ours, since the epoch
+count to early stopping varies with the seed), it records:
 
 - ``startup``: our time to the end of the first epoch minus a steady epoch: fitting
   the standardisation, initialising, tracing and compiling (mostly XLA compilation);
@@ -47,10 +49,9 @@ from __future__ import annotations
 import os
 import sys
 
-if "--threads-all" not in sys.argv:  # one CPU thread for XLA, before jax is imported
+if "--threads-all" not in sys.argv:  # single-threaded XLA kernels (pool size: --xla-pool)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false"
-                               + " intra_op_parallelism_threads=1")
+                               + " --xla_cpu_multi_thread_eigen=false")
 
 import argparse
 import functools
@@ -63,6 +64,7 @@ import numpy as np
 from sbi_engine import get_simulator
 from sbi_engine.npe import NPEConfig, train_npe
 from sbi_engine.programs import clear_compiled_programs
+from sbi_engine.runtime import cpu_pool_threads, limit_cpu_threads
 from sbi_engine.simulate import simulate
 
 
@@ -114,6 +116,10 @@ def main() -> None:
     parser.add_argument("--no-sbi", action="store_true", help="time only our trainer")
     parser.add_argument("--threads-all", action="store_true",
                         help="let torch and XLA use every core (default: one thread each)")
+    parser.add_argument("--xla-pool", type=int, default=1,
+                        help="threads in XLA's CPU runtime pool (default 1, so XLA runs on "
+                             "one thread; 0: one per core, the runtime's default; see "
+                             "sbi_engine.runtime)")
     parser.add_argument("--cache-dir", help="JAX persistent compilation cache directory")
     parser.add_argument("--nsf-init", choices=["zero_bias", "nflows"], default="zero_bias",
                         help="our NSF's conditioner init (FlowConfig.nsf_init)")
@@ -122,6 +128,8 @@ def main() -> None:
                              "processes do) instead of reusing it across repeats")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    if not args.threads_all and args.xla_pool:
+        limit_cpu_threads(args.xla_pool)
     if args.cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -137,8 +145,8 @@ def main() -> None:
         except ImportError:
             torch_info, args.no_sbi = "torch not installed: sbi skipped", True
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}; "
-          f"{os.cpu_count()} CPU cores; task {args.task}; N = {args.num:,}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()!r}", flush=True)
+          f"{os.cpu_count()} CPU cores; XLA pool {cpu_pool_threads()}; task {args.task}; "
+          f"N = {args.num:,}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()!r}", flush=True)
 
     sim = get_simulator(args.task)
     data = simulate(sim, args.num, args.seed, progress=False)

@@ -107,7 +107,7 @@ def test_bench_systematics_smoke(repo_root, tmp_path, capsys):
     res = mod.main(["--out", str(tmp_path), "--hidden", "4", "--steps", "4",
                     "--pretrain-steps", "1", "--n-train", "100", "--n-test", "400",
                     "--models", "2", "--speed-steps", "2", "--speed-events", "20",
-                    "--repeats", "1", "--speed-configs", "4/8"])
+                    "--repeats", "1", "--speed-configs", "4/8", "--xla-pool", "0"])
     assert len(res["pivot"]["rows"]) == 6 and len(res["pivot"]["ks_signal_z-1_vs_z+1"]) == 2
     assert res["speed"][0]["ratio"] > 0
     assert (tmp_path / "pivot_outputs.png").stat().st_size > 1000
