@@ -82,6 +82,7 @@ from flax import struct
 
 from sbi_engine.errors import ConfigError, SbiEngineError, ShapeError
 from sbi_engine.events import EventData, EventGenerator, make_dataset
+from sbi_engine.programs import register_clear
 from sbi_engine.significance import asimov_z_sigma_b
 from sbi_engine.store import atomic_write_dir, jsonable
 
@@ -1019,6 +1020,9 @@ def _compiled(config: ClassifierConfig, generator: EventGenerator | None, many: 
         return run(*args)
 
     return tag, jax.jit(counted)
+
+
+register_clear(_compiled.cache_clear)
 
 
 def _full_hyper(config: ClassifierConfig, hyper: Mapping[str, Any] | None) -> dict[str, Any]:

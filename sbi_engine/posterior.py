@@ -276,7 +276,8 @@ class BasePosterior(abc.ABC):
 
 
 class _FlowPrograms:
-    """``log_prob`` and ``sample`` of one flow structure, compiled once per process."""
+    """``log_prob``, ``sample`` and the MAP ascent of one flow structure, compiled once
+    per process (``climb_traces`` counts the ascent's compilations)."""
 
     def __init__(self, flow: ConditionalFlow):
         self.log_prob = jax.jit(lambda stats, params, theta, x:
@@ -284,6 +285,25 @@ class _FlowPrograms:
         self.sample = jax.jit(lambda stats, params, key, x, n:
                               flow.with_statistics(stats).sample(params, key, x, n),
                               static_argnums=(4,))
+        self.climb_traces = 0
+
+        def climb(stats, params, theta, x, low, high, learning_rate, steps):
+            """Projected Adam ascent of ``log q(θ | x)`` from ``theta (D,)``; ``(D,)``."""
+            self.climb_traces += 1  # runs only while tracing
+            f = flow.with_statistics(stats)
+            opt = optax.adam(learning_rate)
+
+            def step(carry, _):
+                t, s = carry
+                g = jax.grad(lambda t: -f.log_prob(params, t[None], x)[0])(t)
+                g = jnp.where(jnp.isfinite(g), g, 0.0)
+                u, s = opt.update(g, s, t)
+                return (jnp.clip(optax.apply_updates(t, u), low, high), s), None
+
+            (t, _), _ = jax.lax.scan(step, (theta, opt.init(theta)), None, length=steps)
+            return t
+
+        self.climb = jax.jit(climb, static_argnums=(7,))
 
 
 #: Compiled posterior programs by :meth:`ConditionalFlow.structure_key`.
@@ -328,25 +348,9 @@ class Posterior(BasePosterior):
         return np.asarray(self._programs.log_prob(self._stats, self.params, theta, x))
 
     def _climb(self, theta0, x, low, high, steps, learning_rate):
-        opt = optax.adam(learning_rate)
-        params, low, high = self.params, jnp.asarray(low), jnp.asarray(high)
-
-        def neg_lp(t):
-            return -self.flow.log_prob(params, t[None], x)[0]
-
-        @jax.jit
-        def climb(theta):
-            def step(carry, _):
-                t, s = carry
-                g = jax.grad(neg_lp)(t)
-                g = jnp.where(jnp.isfinite(g), g, 0.0)
-                u, s = opt.update(g, s, t)
-                return (jnp.clip(optax.apply_updates(t, u), low, high), s), None
-
-            (t, _), _ = jax.lax.scan(step, (theta, opt.init(theta)), None, length=steps)
-            return t
-
-        return np.asarray(climb(jnp.asarray(theta0)))
+        return np.asarray(self._programs.climb(
+            self._stats, self.params, jnp.asarray(theta0), jnp.asarray(x), jnp.asarray(low),
+            jnp.asarray(high), jnp.float32(learning_rate), int(steps)))
 
     # -- files ---------------------------------------------------------------------------------
 

@@ -21,13 +21,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RUN_ONCE", "ProgramCache", "clear_compiled_programs"]
+__all__ = ["RUN_ONCE", "ProgramCache", "clear_compiled_programs", "register_clear"]
 
 #: XLA compiler options for programs that run once per model (parameter and optimiser
 #: initialisation): backend optimisations would cost more compile time than they save.
 RUN_ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 _CACHES: list[ProgramCache] = []
+_CLEARS: list[Callable[[], Any]] = []
 
 
 class ProgramCache:
@@ -73,7 +74,16 @@ class ProgramCache:
         return f"ProgramCache({self.name!r}, {len(self)}/{self.size})"
 
 
+def register_clear(clear: Callable[[], Any]) -> Callable[[], Any]:
+    """Have :func:`clear_compiled_programs` also call ``clear`` (e.g. the ``cache_clear``
+    of a ``functools.lru_cache`` of jitted functions). Returns ``clear``."""
+    _CLEARS.append(clear)
+    return clear
+
+
 def clear_compiled_programs() -> None:
     """Forget every program the engine kept; the next training compiles afresh."""
     for cache in _CACHES:
         cache.clear()
+    for clear in _CLEARS:
+        clear()

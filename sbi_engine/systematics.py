@@ -98,6 +98,7 @@ from sbi_engine.classify import (
 )
 from sbi_engine.errors import ConfigError, SbiEngineError
 from sbi_engine.events import EventGenerator, get_generator, make_dataset, process_ids
+from sbi_engine.programs import register_clear
 from sbi_engine.significance import threshold_scan
 from sbi_engine.store import json_sha256
 
@@ -721,6 +722,9 @@ def _scan(sc: np.ndarray, y: np.ndarray, w: np.ndarray, min_background: float = 
 @functools.lru_cache(maxsize=32)
 def _dataset_fn(gen: EventGenerator, n: int):
     return jax.jit(jax.vmap(lambda k, v: tuple(make_dataset(k, gen, v, n))))
+
+
+register_clear(_dataset_fn.cache_clear)
 
 
 def _datasets(gen: EventGenerator, key: jax.Array, nus: np.ndarray, n: int

@@ -11,6 +11,7 @@ import pytest
 from sbi_engine import classify as C
 from sbi_engine.errors import ConfigError, SbiEngineError, ShapeError
 from sbi_engine.events import make_dataset
+from sbi_engine.programs import clear_compiled_programs
 from sbi_engine.significance import asimov_z_sigma_b
 from simulators.toy_physics import inferno, pivot
 
@@ -327,6 +328,12 @@ def test_train_many_equals_train_one_and_compiles_once(pivot_data):
                          hyper={"learning_rate": lrs * 2, "adv_lambda": 0.2})
     assert again.compilations == 1
     assert C.predict_many(again.params, datasets[0].x).shape == (m, 80)
+    # clear_compiled_programs forgets the trainer too: it compiles again, same numbers.
+    clear_compiled_programs()
+    fresh = C.train_many(jax.random.split(jax.random.key(51), m), stacked, cfg,
+                         hyper={"learning_rate": lrs * 2, "adv_lambda": 0.2})
+    assert fresh.compilations == 2
+    jax.tree.map(np.testing.assert_array_equal, fresh.params, again.params)
 
 
 def test_bad_shapes_are_shape_errors(pivot_data):

@@ -48,6 +48,14 @@ def test_training_recovers_the_analytic_posterior(trained):
     np.testing.assert_allclose(s.std(0), post_std, rtol=0.15)
     theta_map = trained.posterior.map(x_o, key=jax.random.PRNGKey(2))
     np.testing.assert_allclose(theta_map, post_mean, atol=0.1)
+    # The MAP ascent is one compiled program per flow structure: more observations (and
+    # other step sizes) do not compile it again.
+    programs = trained.posterior._programs
+    traces = programs.climb_traces
+    both = trained.posterior.map(np.stack([x_o, -x_o]), key=jax.random.PRNGKey(5),
+                                 learning_rate=2e-2)
+    assert traces >= 1 and programs.climb_traces == traces
+    np.testing.assert_allclose(both[1], -post_mean, atol=0.1)
 
 
 def test_trainings_of_one_structure_share_the_compiled_epoch():
