@@ -110,7 +110,7 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport
 from sbi_engine.errors import ConfigError, SbiEngineError
 from sbi_engine.flows import FlowConfig
 from sbi_engine.interrupt import ctrl_c_latch
-from sbi_engine.store import atomic_write_bytes, jsonable
+from sbi_engine.store import atomic_write_bytes, jsonable, read_toml
 from sbi_engine.systematics import SystematicsConfig
 
 __all__ = [
@@ -765,14 +765,7 @@ class ExperimentConfig:
 def load_spec(path: str | os.PathLike) -> dict[str, Any]:
     """Read an experiment file (TOML) as a plain dict; ``name`` defaults to the file stem."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment: file {path} does not exist")
-    try:
-        spec = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"experiment: {path} is not valid TOML ({err})") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"experiment: {path} is not UTF-8 text ({err})") from None
+    spec = read_toml(path, "experiment")
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).lstrip(".")[:100]
     spec.setdefault("name", stem or "experiment")  # a simple name (check_name)
     return spec

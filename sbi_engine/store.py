@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from sbi_engine.errors import DatasetError
+from sbi_engine.errors import ConfigError, DatasetError
 
 __all__ = [
     "Chunk",
@@ -45,6 +45,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_dir",
     "load_dataset",
+    "read_toml",
 ]
 
 FORMAT = "sbi-engine-dataset"
@@ -66,6 +67,29 @@ def _umask() -> int:
 #: Permissions of files and directories the engine writes: what ``open``/``mkdir`` would
 #: give under the process umask (``tempfile`` creates them private, 0600/0700).
 FILE_MODE, DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+
+
+def read_toml(path: str | os.PathLike, field: str) -> dict[str, Any]:
+    """Parse a TOML file into a dict.
+
+    Raises:
+        ConfigError: naming ``field``, when the file is missing, is not UTF-8 text or is
+            not valid TOML.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the tomli backport
+        import tomli as tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{field}: file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{field}: {path} is not valid TOML ({err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{field}: {path} is not UTF-8 text ({err})") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -100,7 +100,7 @@ from sbi_engine.errors import ConfigError, SbiEngineError
 from sbi_engine.events import EventGenerator, get_generator, make_dataset, process_ids
 from sbi_engine.programs import register_clear
 from sbi_engine.significance import threshold_scan
-from sbi_engine.store import json_sha256
+from sbi_engine.store import json_sha256, read_toml
 
 __all__ = [
     "DESIGNS",
@@ -574,21 +574,8 @@ class SystematicsConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> SystematicsConfig:
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10: the tomli backport
-            import tomli as tomllib
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: file {path} does not exist")
-        try:
-            spec = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config: {path} is not valid TOML ({err})") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"config: {path} is not UTF-8 text ({err})") from None
-        return cls.from_dict(spec)
+        """Read a study file (TOML); a missing or unreadable file is a ConfigError."""
+        return cls.from_dict(read_toml(path, "config"))
 
 
 # ------------------------------------------------------------------------------------
