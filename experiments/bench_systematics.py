@@ -25,12 +25,17 @@
    vmap only saves per-operation overhead (large for small networks and batches,
    nothing once the arithmetic saturates the cores); on a GPU it also fills the device.
    As in ``bench_train_speed.py``, XLA runs on one CPU thread unless ``--threads-all``.
+   With ``--host-devices N`` the CPU is split into ``N`` XLA host devices and a third
+   column times :func:`sbi_engine.distributed.sharded_train_many`: the same vmapped
+   loop with the model axis partitioned over the ``N`` devices, which run in parallel
+   (one core each) — the CPU analogue of spreading models over GPUs.
 
 Usage::
 
     python experiments/bench_systematics.py --out runs/bench_systematics   # ≈ 1-2 min
     python experiments/bench_systematics.py --models 64 --speed-steps 1000 --repeats 3
     python experiments/bench_systematics.py --no-pivot --speed-configs 64x64/512
+    python experiments/bench_systematics.py --no-pivot --host-devices 2   # + sharded column
 
 Compare numbers from one run; the machine may be shared.
 """
@@ -45,9 +50,15 @@ if __name__ == "__main__" and "--threads-all" not in sys.argv:  # before jax is 
     # pool size is --xla-pool
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_cpu_multi_thread_eigen=false")
+if __name__ == "__main__" and "--host-devices" in sys.argv:  # also before jax is imported
+    _i = sys.argv.index("--host-devices") + 1
+    if _i < len(sys.argv) and sys.argv[_i].isdigit():  # otherwise argparse reports it
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={sys.argv[_i]}")
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,6 +69,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sbi_engine import classify as C
+from sbi_engine.distributed import sharded_train_many
 from sbi_engine.events import make_dataset
 from sbi_engine.plotting import save_figure
 from sbi_engine.runtime import cpu_pool_threads, limit_cpu_threads
@@ -192,18 +204,34 @@ def speed(args, gen, spec: str) -> dict:
             total += res.seconds
         return total
 
+    def run_sharded(rep):
+        # timed from outside: includes laying the data out over the devices
+        start = time.perf_counter()
+        res = sharded_train_many(keys(rep), stacked, cfg)
+        jax.block_until_ready(res.params)
+        return time.perf_counter() - start
+
+    shard = jax.local_device_count() > 1
     first_many, first_seq = run_many(0), run_sequential(0)  # includes compilation
-    many, seq = [], []
+    first_shard = run_sharded(0) if shard else None
+    many, seq, sharded = [], [], []
     for rep in range(1, args.repeats + 1):
         many.append(run_many(rep))
         seq.append(run_sequential(rep))
-    return {"config": spec, "models": m, "steps": args.speed_steps, "hidden": list(hidden),
-            "batch_size": batch, "events_per_dataset": 2 * args.speed_events,
-            "device": jax.devices()[0].platform,
-            "vmap_s": min(many), "sequential_s": min(seq), "ratio": min(seq) / min(many),
-            "vmap_first_call_s": first_many, "sequential_first_calls_s": first_seq,
-            "ratio_with_compilation": first_seq / first_many,
-            "vmap_runs_s": many, "sequential_runs_s": seq}
+        if shard:
+            sharded.append(run_sharded(rep))
+    out = {"config": spec, "models": m, "steps": args.speed_steps, "hidden": list(hidden),
+           "batch_size": batch, "events_per_dataset": 2 * args.speed_events,
+           "device": jax.devices()[0].platform,
+           "vmap_s": min(many), "sequential_s": min(seq), "ratio": min(seq) / min(many),
+           "vmap_first_call_s": first_many, "sequential_first_calls_s": first_seq,
+           "ratio_with_compilation": first_seq / first_many,
+           "vmap_runs_s": many, "sequential_runs_s": seq}
+    if shard:
+        out.update(devices=jax.local_device_count(), sharded_s=min(sharded),
+                   ratio_sharded=min(seq) / min(sharded), sharded_first_call_s=first_shard,
+                   sharded_runs_s=sharded)
+    return out
 
 
 # ------------------------------------------------------------------------------------
@@ -233,6 +261,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="threads in XLA's CPU runtime pool (default 1, so XLA runs on "
                              "one thread; 0: one per core, the runtime's default; see "
                              "sbi_engine.runtime)")
+    parser.add_argument("--host-devices", type=int, default=1,
+                        help="split the CPU into this many XLA host devices and also time "
+                             "sharded_train_many over them (set before jax starts: only "
+                             "when run as a script)")
     parser.add_argument("--no-pivot", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
     return parser.parse_args(argv)
@@ -272,13 +304,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"training setting each) x {args.speed_steps} steps, "
               f"{2 * args.speed_events} events each; XLA_FLAGS="
               f"{os.environ.get('XLA_FLAGS', '').strip()!r}")
+        ndev = jax.local_device_count()
+        if args.host_devices > 1 and ndev != args.host_devices:
+            print(f"  note: --host-devices {args.host_devices} asked for, jax sees {ndev} "
+                  f"device(s) (the flag only works when this file is run as a script)")
+        sharded_head = f"{f'sharded x{ndev} s':>15}{'ratio':>8}" if ndev > 1 else ""
         print(f"  {'hidden/batch':<14}{'vmap s':>9}{'sequential s':>14}{'ratio':>8}"
-              f"{'with compilation':>19}")
+              f"{sharded_head}{'with compilation':>19}")
         for spec in args.speed_configs:
             sp = speed(args, gen, spec)
             results["speed"].append(sp)
+            sharded_cols = (f"{sp['sharded_s']:>15.2f}{sp['ratio_sharded']:>7.1f}x"
+                            if "sharded_s" in sp else "")
             print(f"  {spec:<14}{sp['vmap_s']:>9.2f}{sp['sequential_s']:>14.2f}"
-                  f"{sp['ratio']:>7.1f}x{sp['ratio_with_compilation']:>10.1f}x "
+                  f"{sp['ratio']:>7.1f}x{sharded_cols}{sp['ratio_with_compilation']:>10.1f}x "
                   f"({sp['sequential_first_calls_s']:.1f} vs {sp['vmap_first_call_s']:.1f} s)",
                   flush=True)
     atomic_write_bytes(out / "results.json",
