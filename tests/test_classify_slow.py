@@ -113,3 +113,22 @@ def test_bench_systematics_smoke(repo_root, tmp_path, capsys):
     assert (tmp_path / "pivot_outputs.png").stat().st_size > 1000
     assert (tmp_path / "results.json").is_file()
     assert "ratio" in capsys.readouterr().out
+
+
+def test_bench_systematics_host_devices(repo_root, tmp_path):
+    """As a script, ``--host-devices 2`` splits the CPU and adds the sharded column."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "experiments" / "bench_systematics.py"), "--no-pivot",
+         "--out", str(tmp_path), "--models", "3", "--speed-steps", "2", "--speed-events",
+         "20", "--repeats", "1", "--speed-configs", "4/8", "--host-devices", "2"],
+        env=env, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sharded x2" in proc.stdout
+    (speed,) = json.loads((tmp_path / "results.json").read_text())["speed"]
+    assert speed["devices"] == 2 and speed["ratio_sharded"] > 0
