@@ -41,7 +41,7 @@ import numpy as np
 from sbi_engine import get_simulator
 from sbi_engine.diagnostics import c2st_sbibm
 from sbi_engine.npe import NPEConfig, train_npe, train_tsnpe
-from sbi_engine.runtime import cpu_pool_threads, limit_cpu_threads
+from sbi_engine.runtime import add_pool_arguments, apply_pool_arguments, cpu_pool_threads
 from sbi_engine.simulate import simulate
 from sbi_engine.store import atomic_write_bytes
 
@@ -150,12 +150,8 @@ def main() -> None:
                         help="with --tsnpe: also sbi's own TSNPE on the same budget")
     parser.add_argument("--tsnpe-rounds", type=int, default=2,
                         help="TSNPE rounds; --num is split evenly between them (default 2)")
-    parser.add_argument("--threads-all", action="store_true",
-                        help="let torch and XLA use every core (default: one thread each)")
-    parser.add_argument("--xla-pool", type=int, default=1,
-                        help="threads in XLA's CPU runtime pool (default 1, so XLA runs on "
-                             "one thread; 0: one per core, the runtime's default; see "
-                             "sbi_engine.runtime)")
+    add_pool_arguments(parser, threads_all_help="let torch and XLA use every core "
+                                                "(default: one thread each)")
     parser.add_argument("--c2st-jobs", type=int, default=1,
                         help="processes for the sbibm C2STs, run after a task's trainings "
                              "so they never overlap a timed training (default 1)")
@@ -163,8 +159,7 @@ def main() -> None:
                         help="our NSF's conditioner init (FlowConfig.nsf_init)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
-    if not args.threads_all and args.xla_pool:
-        limit_cpu_threads(args.xla_pool)
+    apply_pool_arguments(args)
 
     try:
         import torch

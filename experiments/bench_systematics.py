@@ -72,7 +72,7 @@ from sbi_engine import classify as C
 from sbi_engine.distributed import sharded_train_many
 from sbi_engine.events import make_dataset
 from sbi_engine.plotting import save_figure
-from sbi_engine.runtime import cpu_pool_threads, limit_cpu_threads
+from sbi_engine.runtime import add_pool_arguments, apply_pool_arguments, cpu_pool_threads
 from sbi_engine.significance import ams, asimov_z, threshold_scan
 from sbi_engine.store import atomic_write_bytes
 from simulators.toy_physics import pivot
@@ -255,12 +255,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--speed-configs", nargs="+", default=["32x32/256", "16x16/64"],
                         help="speed: hidden widths / batch size, e.g. 32x32/256")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads-all", action="store_true",
-                        help="let XLA use every CPU core (default: one thread)")
-    parser.add_argument("--xla-pool", type=int, default=1,
-                        help="threads in XLA's CPU runtime pool (default 1, so XLA runs on "
-                             "one thread; 0: one per core, the runtime's default; see "
-                             "sbi_engine.runtime)")
+    add_pool_arguments(parser,
+                       threads_all_help="let XLA use every CPU core (default: one thread)")
     parser.add_argument("--host-devices", type=int, default=1,
                         help="split the CPU into this many XLA host devices and also time "
                              "sharded_train_many over them (set before jax starts: only "
@@ -272,8 +268,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
-    if not args.threads_all and args.xla_pool:
-        limit_cpu_threads(args.xla_pool)
+    apply_pool_arguments(args)
     out = Path(args.out)
     gen = pivot.build()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} "

@@ -64,7 +64,7 @@ import numpy as np
 from sbi_engine import get_simulator
 from sbi_engine.npe import NPEConfig, train_npe
 from sbi_engine.programs import clear_compiled_programs
-from sbi_engine.runtime import cpu_pool_threads, limit_cpu_threads
+from sbi_engine.runtime import add_pool_arguments, apply_pool_arguments, cpu_pool_threads
 from sbi_engine.simulate import simulate
 
 
@@ -114,12 +114,8 @@ def main() -> None:
                         help="held-out simulations (seed + 1) for the test NLL of every "
                              "trained posterior, an accuracy check across seeds (0: none)")
     parser.add_argument("--no-sbi", action="store_true", help="time only our trainer")
-    parser.add_argument("--threads-all", action="store_true",
-                        help="let torch and XLA use every core (default: one thread each)")
-    parser.add_argument("--xla-pool", type=int, default=1,
-                        help="threads in XLA's CPU runtime pool (default 1, so XLA runs on "
-                             "one thread; 0: one per core, the runtime's default; see "
-                             "sbi_engine.runtime)")
+    add_pool_arguments(parser, threads_all_help="let torch and XLA use every core "
+                                                "(default: one thread each)")
     parser.add_argument("--cache-dir", help="JAX persistent compilation cache directory")
     parser.add_argument("--nsf-init", choices=["zero_bias", "nflows"], default="zero_bias",
                         help="our NSF's conditioner init (FlowConfig.nsf_init)")
@@ -128,8 +124,7 @@ def main() -> None:
                              "processes do) instead of reusing it across repeats")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
-    if not args.threads_all and args.xla_pool:
-        limit_cpu_threads(args.xla_pool)
+    apply_pool_arguments(args)
     if args.cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

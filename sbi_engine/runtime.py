@@ -25,7 +25,8 @@ import os
 
 from sbi_engine.errors import ConfigError, SbiEngineError
 
-__all__ = ["cpu_pool_threads", "limit_cpu_threads"]
+__all__ = ["add_pool_arguments", "apply_pool_arguments", "cpu_pool_threads",
+           "limit_cpu_threads"]
 
 _POOL: int | None = None  # what limit_cpu_threads set
 
@@ -91,3 +92,22 @@ def limit_cpu_threads(n: int = 1) -> int:
 def cpu_pool_threads() -> str:
     """How many threads XLA's CPU pool has, for reports: a count, or ``"one per core"``."""
     return str(_POOL) if _POOL is not None else "one per core"
+
+
+def add_pool_arguments(parser, *, threads_all_help: str) -> None:
+    """Add the benchmarks' ``--threads-all`` and ``--xla-pool N`` to an argparse parser.
+
+    ``--threads-all`` is read from ``sys.argv`` by the scripts before JAX is imported
+    (it decides the XLA kernel flags); :func:`apply_pool_arguments` applies the pool.
+    """
+    parser.add_argument("--threads-all", action="store_true", help=threads_all_help)
+    parser.add_argument("--xla-pool", type=int, default=1,
+                        help="threads in XLA's CPU runtime pool (default 1, so XLA runs on "
+                             "one thread; 0: one per core, the runtime's default; see "
+                             "sbi_engine.runtime)")
+
+
+def apply_pool_arguments(args) -> None:
+    """:func:`limit_cpu_threads` to ``args.xla_pool`` unless ``--threads-all`` or ``0``."""
+    if not args.threads_all and args.xla_pool:
+        limit_cpu_threads(args.xla_pool)

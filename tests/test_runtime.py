@@ -67,6 +67,23 @@ def test_after_the_first_computation_is_a_clear_error():
         limit_cpu_threads(1)
 
 
+def test_benchmark_pool_arguments():
+    import argparse
+
+    import jax.numpy as jnp
+
+    from sbi_engine.runtime import add_pool_arguments, apply_pool_arguments
+
+    parser = argparse.ArgumentParser()
+    add_pool_arguments(parser, threads_all_help="every core")
+    assert vars(parser.parse_args([])) == {"threads_all": False, "xla_pool": 1}
+    float(jnp.ones(2).sum())  # started: only a call that reaches limit_cpu_threads raises
+    apply_pool_arguments(parser.parse_args(["--threads-all"]))
+    apply_pool_arguments(parser.parse_args(["--xla-pool", "0"]))
+    with pytest.raises(SbiEngineError, match="before JAX's first computation"):
+        apply_pool_arguments(parser.parse_args(["--xla-pool", "2"]))
+
+
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "1"])
 def test_bad_counts(bad):
     with pytest.raises(ConfigError, match="positive integer"):
