@@ -1633,7 +1633,11 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _stage_evaluate(ctx: RunContext, *, seed: int, tag: str, plots: bool) -> dict[str, Any]:
+def _stage_evaluate(ctx: RunContext, *, seed: int, tag: str, plots: bool,
+                    need_c2st: str = "") -> dict[str, Any]:
+    """Score one trained posterior. ``need_c2st``: the config field that asks for a C2ST
+    (a learning curve's metric); missing reference samples are then an error naming it,
+    instead of a C2ST-less result."""
     import jax
 
     from sbi_engine import diagnostics, plotting
@@ -1666,6 +1670,9 @@ def _stage_evaluate(ctx: RunContext, *, seed: int, tag: str, plots: bool) -> dic
             try:
                 reference = np.asarray(ref.reference_posterior_samples(k))[:n]
             except SbiEngineError as err:
+                if need_c2st:
+                    raise ConfigError(f"{need_c2st}: a C2ST needs the reference posterior "
+                                      f"samples of observation {k}: {err}") from None
                 ctx.log(f"      observation {k}: no reference samples ({err})")
         if reference is not None and ev.c2st != "none":
             ctx.log(f"      observation {k}: C2ST ({ev.c2st}) on {n:,} + "
@@ -1987,6 +1994,11 @@ def _lc_points(config: ExperimentConfig) -> list[tuple[int, int, str]]:
     return [(b, s, f"n{b}-seed{s}") for b in lc.budgets for s in config.seeds]
 
 
+def _is_c2st(metric: str) -> bool:
+    """``c2st`` or ``obsK/c2st``: metrics an NPE evaluation computes from reference samples."""
+    return metric.rsplit("/", 1)[-1] == "c2st"
+
+
 def _learning_curve_stages(config: ExperimentConfig) -> list[Stage]:
     lc = config.section("learning_curve")
     stages: list[Stage] = []
@@ -2001,13 +2013,15 @@ def _learning_curve_stages(config: ExperimentConfig) -> list[Stage]:
         # its first n rows are exactly the dataset of budget n
         stages += [Stage(f"simulate/seed{s}", functools.partial(
             _stage_simulate, seed=s, num=last, name=f"train-seed{s}")) for s in config.seeds]
+        c2st = [m for m in lc.metrics if _is_c2st(m)]
+        need = f"learning_curve.metrics ({c2st[0]!r})" if c2st else ""
         for b, s, tag in _lc_points(config):
             plots = b == last and s == first_seed
             stages += [
                 Stage(f"train/n{b}/seed{s}", functools.partial(
                     _stage_train, seed=s, tag=tag, data_name=f"train-seed{s}", budget=b)),
                 Stage(f"evaluate/n{b}/seed{s}", functools.partial(
-                    _stage_evaluate, seed=s, tag=tag, plots=plots)),
+                    _stage_evaluate, seed=s, tag=tag, plots=plots, need_c2st=need)),
             ]
     else:
         stages += [Stage(f"study/n{b}/seed{s}", functools.partial(
@@ -2104,6 +2118,14 @@ def _check_learning_curve(config: ExperimentConfig) -> None:
             raise ConfigError("[data]: missing section; learning_curve.method = 'npe' needs "
                               "[data] (simulator)")
         _check_npe(config)
+        c2st = [m for m in lc.metrics if _is_c2st(m)]
+        ev = config.section("evaluation")
+        if c2st and (ev.c2st == "none" or not ev.observations):
+            why = ("evaluation.c2st is 'none'" if ev.c2st == "none"
+                   else "evaluation.observations is empty")
+            raise ConfigError(f"learning_curve.metrics: {c2st[0]!r} needs a C2ST against "
+                              f"reference posterior samples, but {why}; list other metrics, "
+                              f"e.g. metrics = [\"valid/nll\"]")
     else:
         if config.sections.get("systematics") is None:
             raise ConfigError("[systematics]: missing section; learning_curve.method = "

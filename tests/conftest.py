@@ -12,3 +12,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo_root() -> pathlib.Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def sbibm_missing() -> str:
+    """Why the sbibm reference data (``../shared/data/sbibm``) cannot be found; ``""`` when
+    it can. Tests of C2ST against reference samples skip, or check the fallback, without it."""
+    from sbi_engine.errors import DatasetError
+    from simulators.benchmarks import reference
+
+    try:
+        reference.data_dir()
+    except DatasetError as err:
+        return str(err)
+    return ""

@@ -46,13 +46,19 @@ def env(tmp_path_factory):
     return e
 
 
+def _needs_reference(name: str, sbibm_missing: str) -> None:
+    if name == "learning_curve_two_moons" and sbibm_missing:  # its metric is the C2ST
+        pytest.skip(f"sbibm reference data not available: {sbibm_missing}")
+
+
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory, env):
+def tiny_runs(tmp_path_factory, env, sbibm_missing):
     """All shipped tiny presets, and a 2-point sweep, run in one subprocess."""
     root = tmp_path_factory.mktemp("runs")
+    shipped = [n for n in SHIPPED if not (sbibm_missing and n == "learning_curve_two_moons")]
     script = textwrap.dedent(f"""
         from sbi_engine.experiment import resolve, run, run_point
-        for name in {SHIPPED!r}:
+        for name in {shipped!r}:
             run("{REPO}/experiments/" + name + ".toml", "{root}/" + name, preset="tiny",
                 progress=False, echo=False)
         run("{REPO}/experiments/inferno.toml", "{root}/sweep", preset="tiny",
@@ -73,7 +79,8 @@ def _images(report: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_tiny_preset_runs(tiny_runs, name):
+def test_shipped_tiny_preset_runs(tiny_runs, name, sbibm_missing):
+    _needs_reference(name, sbibm_missing)
     out = tiny_runs / name
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["name"] == name
@@ -95,17 +102,22 @@ def test_shipped_tiny_preset_runs(tiny_runs, name):
     assert "run.log" in report and (out / "run.log").stat().st_size > 0
 
 
-def test_npe_run_contents(tiny_runs):
+def test_npe_run_contents(tiny_runs, sbibm_missing):
     out = tiny_runs / "sbibm_npe"
     metrics = json.loads((out / "metrics.json").read_text())
     summary = metrics["summary"]
-    for key in ("train/nll", "valid/nll", "test/nll", "obs1/c2st", "c2st", "sbc/min_pvalue",
+    for key in ("train/nll", "valid/nll", "test/nll", "sbc/min_pvalue",
                 "coverage/max_abs_error"):
         assert key in summary, key
-    assert 0.4 < summary["c2st"]["mean"] <= 1.0
+    if sbibm_missing:  # the run goes on without C2ST and its log says why
+        assert "c2st" not in summary
+        assert "observation 1: no reference samples" in (out / "run.log").read_text()
+    else:
+        assert "obs1/c2st" in summary
+        assert 0.4 < summary["c2st"]["mean"] <= 1.0
+        assert "| obs1 |" in (out / "report.md").read_text()
     assert (out / "models" / "seed0" / "posterior.json").exists()
     assert (out / "data" / "train-seed0.zarr" / "manifest.json").exists()
-    assert "| obs1 |" in (out / "report.md").read_text()
 
 
 def test_systematics_run_contents(tiny_runs):
@@ -127,7 +139,8 @@ def test_systematics_run_contents(tiny_runs):
     assert loaded.metadata["row"] == rows[-1]
 
 
-def test_learning_curve_contents(tiny_runs):
+def test_learning_curve_contents(tiny_runs, sbibm_missing):
+    _needs_reference("learning_curve_two_moons", sbibm_missing)
     out = tiny_runs / "learning_curve_two_moons"
     metrics = json.loads((out / "metrics.json").read_text())
     curve = metrics["curves"]["c2st"]

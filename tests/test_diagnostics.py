@@ -13,10 +13,7 @@ the estimate must match.
 
 from __future__ import annotations
 
-import bz2
-import os
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,19 +24,16 @@ from scipy import stats
 from sbi_engine import diagnostics as dg
 from sbi_engine.errors import ConfigError, ShapeError
 
-SBIBM = Path(
-    os.environ.get("SBIBM_DATA", Path(__file__).resolve().parents[2] / "shared/data/sbibm")
-)
-TWO_MOONS = SBIBM / "two_moons/files/num_observation_1/reference_posterior_samples.csv.bz2"
-
 
 @pytest.fixture(scope="module")
-def two_moons() -> np.ndarray:
+def two_moons(sbibm_missing) -> np.ndarray:
     """10,000 x 2 reference posterior samples of sbibm two_moons, observation 1."""
-    if not TWO_MOONS.exists():
-        pytest.skip(f"sbibm reference samples not found at {TWO_MOONS} (set SBIBM_DATA)")
-    with bz2.open(TWO_MOONS, "rt") as f:
-        samples = np.loadtxt(f, delimiter=",", skiprows=1)
+    if sbibm_missing:
+        pytest.skip(f"sbibm reference data not available: {sbibm_missing}")
+    from simulators.benchmarks import reference
+
+    samples = np.asarray(reference.ReferenceData("two_moons").reference_posterior_samples(1),
+                         np.float64)
     assert samples.shape == (10_000, 2)
     return samples
 

@@ -169,6 +169,12 @@ def test_bad_types_are_named(spec, match):
       "data": {"simulator": "two_moons"}}, r"budgets: expected at least 2 budgets"),
     ({"type": "learning_curve", "learning_curve": {"targets": {"auc": 0.9}},
       "data": {"simulator": "two_moons"}}, r"targets: metric\(s\) \['auc'\] are not in metrics"),
+    ({"type": "learning_curve", "learning_curve": {}, "data": {"simulator": "two_moons"},
+      "evaluation": {"c2st": "none"}},
+     r"learning_curve\.metrics: 'c2st' needs a C2ST .* but evaluation\.c2st is 'none'"),
+    ({"type": "learning_curve", "learning_curve": {"metrics": ["obs2/c2st"]},
+      "data": {"simulator": "two_moons"}, "evaluation": {"observations": []}},
+     r"learning_curve\.metrics: 'obs2/c2st' needs .* evaluation\.observations is empty"),
 ])
 def test_bad_ranges_are_named(spec, match):
     with pytest.raises(ConfigError, match=match):
@@ -596,3 +602,25 @@ def test_plot_learning_curve(tmp_path):
     plot_learning_curve([200, 400], [0.98, 0.98], fit=flat.to_dict(), extrapolate_to=4000,
                         target=0.55, metric="c2st", path=tmp_path / "flat.png")
     assert (tmp_path / "lc.png").stat().st_size > 5000 and (tmp_path / "raw.png").exists()
+
+
+def test_learning_curve_c2st_without_reference_samples_is_named(tmp_path, monkeypatch):
+    """A learning curve that asks for C2ST stops at the first evaluation when the reference
+    samples are missing (not at the report, with a C2ST-less result cached), and keeps the
+    stages it ran."""
+    empty = tmp_path / "sbibm"
+    empty.mkdir()
+    monkeypatch.setenv("SBI_ENGINE_SBIBM_DATA", str(empty))
+    cfg = one({"type": "learning_curve", "seeds": [0],
+               "learning_curve": {"budgets": [100, 200]},
+               "data": {"simulator": "two_moons", "num_test": 0},
+               "npe": {"max_epochs": 1, "flow": {"hidden": 8, "transforms": 1}},
+               "evaluation": {"num_posterior_samples": 20, "c2st": "fast", "c2st_steps": 10}})
+    with pytest.raises(ConfigError, match=r"learning_curve\.metrics \('c2st'\): a C2ST needs "
+                                          r"the reference posterior samples of observation 1: "
+                                          r"sbibm task 'two_moons': reference posterior"):
+        run_point(cfg, tmp_path / "run", echo=False, progress=False)
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert m["status"] == "failed"
+    assert {"simulate/seed0", "train/n100/seed0"} <= set(m["stages"])
+    assert "evaluate/n100/seed0" not in m["stages"]
