@@ -60,11 +60,10 @@ def _sim(task) -> JaxSimulator:
 
 
 @pytest.fixture(scope="module")
-def sbibm_dir() -> Path:
-    try:
-        return reference.data_dir()
-    except DatasetError as err:
-        pytest.skip(f"sbibm data not available: {err}")
+def sbibm_dir(sbibm_missing) -> Path:
+    if sbibm_missing:
+        pytest.skip(f"sbibm data not available: {sbibm_missing}")
+    return reference.data_dir()
 
 
 def test_task_table_is_complete():
