@@ -9,6 +9,10 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= sbi,dask,physics,dev
 PYTEST_ARGS ?=
+# test files run in parallel worker processes (pytest-xdist), one file per worker at a
+# time so that module fixtures are computed once; 2 workers suit CI's 2 cores.
+# TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-slow demo bench lint clean
 
@@ -22,7 +26,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
