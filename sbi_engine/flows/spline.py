@@ -26,10 +26,13 @@ softmax as nflows does) and ``K - 1`` interior derivatives
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
 
 from sbi_engine.flows.autoregressive import MADE, autoregressive_block, permutations
 from sbi_engine.flows.base import Block, FlowConfig
@@ -38,6 +41,7 @@ from sbi_engine.flows.linear import lu_forward, lu_init, lu_inverse
 
 __all__ = [
     "ResidualNet",
+    "batched_spline",
     "build_nsf_ar_block",
     "build_nsf_block",
     "rational_quadratic_spline",
@@ -61,7 +65,9 @@ def rational_quadratic_spline(
     """Monotonic rational-quadratic spline on ``[-B, B]``, identity outside.
 
     Written for one scalar; leading axes ``S`` (e.g. the transformed features of one
-    example) are evaluated elementwise without a ``vmap``.
+    example) are evaluated elementwise without a ``vmap``. Every JAX transformation
+    applies. The flows use :func:`batched_spline`, the same map with a faster batched
+    gradient.
 
     Args:
         x: ``(*S,)`` input (data side if ``inverse`` is False, else the output side).
@@ -74,29 +80,126 @@ def rational_quadratic_spline(
     Returns:
         ``(y (*S,), log|dy/dx| (*S,))`` of the map evaluated (forward or inverse).
     """
-    k = widths.shape[-1]
-    # Widths and heights share one softmax / cumsum: (*S, 2, K).
-    raw = jnp.stack([widths, heights], axis=-2)
-    floor = np.array([[min_bin_width], [min_bin_height]], np.float32)
-    p = floor + (1.0 - floor * k) * jax.nn.softmax(raw, axis=-1)
+    knots_first = (jnp.moveaxis(a, -1, 0) for a in (widths, heights, derivatives))
+    return _spline_knots_first(x, *knots_first, inverse=inverse, bound=bound,
+                               min_bin_width=min_bin_width, min_bin_height=min_bin_height,
+                               min_derivative=min_derivative)
+
+
+@functools.cache
+def batched_spline(
+    inverse: bool = False,
+    bound: float = 3.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+):
+    """:func:`rational_quadratic_spline` for these options, fast under ``vmap`` and ``grad``.
+
+    Returns ``spline(x (*S,), widths (*S, K), heights (*S, K), derivatives (*S, K - 1))
+    -> (y (*S,), log|dy/dx| (*S,))``, written for one example like the plain function.
+    Under ``jax.vmap`` it computes with the mapped axis innermost in memory, forward
+    and gradient (a batching rule inside a custom VJP): XLA's CPU loops vectorise along
+    that axis rather than along the ``K`` bins. For 200 examples of 5 splines this took
+    a 10-D NSF's training epoch from 596 to 386 ms on one CPU core. Reverse-mode
+    differentiation (``jax.grad``, ``jax.jacrev``, ``jax.vjp``) works at any order of
+    ``vmap``; forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not
+    defined for it; use :func:`rational_quadratic_spline` there.
+    """
+    opts = dict(inverse=inverse, bound=bound, min_bin_width=min_bin_width,
+                min_bin_height=min_bin_height, min_derivative=min_derivative)
+
+    def spline_kf(x, widths, heights, derivatives):
+        return _spline_knots_first(x, widths, heights, derivatives, **opts)
+
+    def spline_vjp_kf(x, widths, heights, derivatives, ct_y, ct_logdet):
+        _, vjp = jax.vjp(spline_kf, x, widths, heights, derivatives)
+        return vjp((ct_y, ct_logdet))
+
+    forward = _batch_innermost(spline_kf, "skkk", "ss")
+    backward = _batch_innermost(spline_vjp_kf, "skkkss", "skkk")
+
+    @jax.custom_vjp
+    def spline(x, widths, heights, derivatives):
+        return forward(x, widths, heights, derivatives)
+
+    def spline_fwd(*args):
+        return forward(*args), args  # the backward pass recomputes the forward
+
+    def spline_bwd(args, cts):
+        return backward(*args, *cts)
+
+    spline.defvjp(spline_fwd, spline_bwd)
+    return spline
+
+
+def _batch_innermost(fn, kinds_in: str, kinds_out: str):
+    """Wrap ``fn``, written with the bins leading, for per-example arrays, bins last.
+
+    ``fn`` takes and returns arrays of kind ``"s"`` (``(*S,)``, elementwise) or
+    ``"k"`` (``(K, *S)``, bins leading); it must work for any trailing axes ``S``. The
+    wrapper takes and returns ``(*S,)`` and ``(*S, K)``; under ``vmap`` (a custom
+    batching rule) it calls ``fn`` with the mapped axis last: ``(*S, N)``, ``(K, *S, N)``.
+    """
+
+    def bins_first(a, kind):
+        return a if kind == "s" else jnp.moveaxis(a, -1, 0)
+
+    def bins_last(a, kind):
+        return a if kind == "s" else jnp.moveaxis(a, 0, -1)
+
+    @custom_vmap
+    def wrapped(*args):
+        outs = fn(*(bins_first(a, k) for a, k in zip(args, kinds_in, strict=True)))
+        return tuple(bins_last(o, k) for o, k in zip(outs, kinds_out, strict=True))
+
+    @wrapped.def_vmap
+    def batched(axis_size, in_batched, *args):
+        args = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                for a, b in zip(args, in_batched, strict=True)]
+        # (N, *S) -> (*S, N); (N, *S, K) -> (K, *S, N)
+        moved = (jnp.moveaxis(a, 0, -1) if k == "s"
+                 else jnp.moveaxis(jnp.moveaxis(a, 0, -1), -2, 0)
+                 for a, k in zip(args, kinds_in, strict=True))
+        outs = fn(*moved)
+        # (*S, N) -> (N, *S); (K, *S, N) -> (N, *S, K)
+        back = tuple(jnp.moveaxis(o, -1, 0) if k == "s"
+                     else jnp.moveaxis(jnp.moveaxis(o, 0, -1), -2, 0)
+                     for o, k in zip(outs, kinds_out, strict=True))
+        return back, (True,) * len(back)
+
+    return wrapped
+
+
+def _spline_knots_first(x, widths, heights, derivatives, *, inverse, bound, min_bin_width,
+                        min_bin_height, min_derivative):
+    """:func:`rational_quadratic_spline` with the bins on the leading axis.
+
+    ``x (*S,)``, ``widths``/``heights`` ``(K, *S)``, ``derivatives`` ``(K - 1, *S)``.
+    """
+    k = widths.shape[0]
+    lead = (1,) * x.ndim
+    # Widths and heights share one softmax / cumsum: (K, 2, *S).
+    raw = jnp.stack([widths, heights], axis=1)
+    floor = np.array([min_bin_width, min_bin_height], np.float32).reshape((1, 2, *lead))
+    p = floor + (1.0 - floor * k) * jax.nn.softmax(raw, axis=0)
     # Knot positions: -B, interior cumulative sums, +B (exact ends, no scatter).
-    inner = 2.0 * bound * jnp.cumsum(p[..., :-1], axis=-1) - bound
-    ends = jnp.full((*inner.shape[:-1], 1), bound, x.dtype)
-    cum = jnp.concatenate([-ends, inner, ends], axis=-1)  # (*S, 2, K + 1)
-    one = jnp.ones((*derivatives.shape[:-1], 1), derivatives.dtype)
-    d = jnp.concatenate([one, min_derivative + jax.nn.softplus(derivatives), one], axis=-1)
+    inner = 2.0 * bound * jnp.cumsum(p[:-1], axis=0) - bound
+    ends = jnp.full((1, *inner.shape[1:]), bound, x.dtype)
+    cum = jnp.concatenate([-ends, inner, ends], axis=0)  # (K + 1, 2, *S)
+    one = jnp.ones((1, *derivatives.shape[1:]), derivatives.dtype)
+    d = jnp.concatenate([one, min_derivative + jax.nn.softplus(derivatives), one], axis=0)
 
     inside = (x >= -bound) & (x <= bound)
     xc = jnp.where(inside, x, 0.0)  # a safe point outside, so no NaN gradients leak
     # The bin: count interior knots at or below xc, select its knots with one-hot
     # masks (no gather/scatter, which compile slowly on CPU; no matmul, which may run
     # in reduced precision on GPUs).
-    ref = cum[..., 1 if inverse else 0, 1:-1]
-    idx = jnp.sum(xc[..., None] >= ref, axis=-1)[..., None, None]
-    table = jnp.concatenate([cum, d[..., None, :]], axis=-2)  # (*S, 3, K + 1): x, y, d
-    knot = jnp.arange(k + 1)
-    x0, y0, d0 = jnp.moveaxis(jnp.sum(jnp.where(knot == idx, table, 0.0), axis=-1), -1, 0)
-    x1, y1, d1 = jnp.moveaxis(jnp.sum(jnp.where(knot == idx + 1, table, 0.0), axis=-1), -1, 0)
+    idx = jnp.sum(xc >= cum[1:-1, 1 if inverse else 0], axis=0)
+    table = jnp.concatenate([cum, d[:, None]], axis=1)  # (K + 1, 3, *S): x, y, d
+    knot = jnp.arange(k + 1).reshape((k + 1, 1, *lead))
+    x0, y0, d0 = jnp.sum(jnp.where(knot == idx, table, 0.0), axis=0)
+    x1, y1, d1 = jnp.sum(jnp.where(knot == idx + 1, table, 0.0), axis=0)
     wk, hk = x1 - x0, y1 - y0
     s = hk / wk
 
@@ -127,18 +230,11 @@ def _spline_fn(config: FlowConfig, hidden: int, inverse: bool):
     k = config.bins
     scale = 1.0 / np.sqrt(hidden)
 
+    rqs = batched_spline(inverse, float(config.tail_bound), float(config.min_bin_width),
+                         float(config.min_bin_height), float(config.min_derivative))
+
     def spline(p, x):
-        return rational_quadratic_spline(
-            x,
-            p[..., :k] * scale,
-            p[..., k : 2 * k] * scale,
-            p[..., 2 * k :],
-            inverse=inverse,
-            bound=config.tail_bound,
-            min_bin_width=config.min_bin_width,
-            min_bin_height=config.min_bin_height,
-            min_derivative=config.min_derivative,
-        )
+        return rqs(x, p[..., :k] * scale, p[..., k : 2 * k] * scale, p[..., 2 * k :])
 
     return spline
 
