@@ -161,14 +161,11 @@ def _batch_innermost(fn, kinds_in: str, kinds_out: str):
     def batched(axis_size, in_batched, *args):
         args = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
                 for a, b in zip(args, in_batched, strict=True)]
-        # (N, *S) -> (*S, N); (N, *S, K) -> (K, *S, N)
-        moved = (jnp.moveaxis(a, 0, -1) if k == "s"
-                 else jnp.moveaxis(jnp.moveaxis(a, 0, -1), -2, 0)
+        # (N, *S) -> (*S, N); (N, *S, K) -> (K, *S, N): swapping the end axes, and back
+        moved = (jnp.moveaxis(a, 0, -1) if k == "s" else jnp.swapaxes(a, 0, -1)
                  for a, k in zip(args, kinds_in, strict=True))
         outs = fn(*moved)
-        # (*S, N) -> (N, *S); (K, *S, N) -> (N, *S, K)
-        back = tuple(jnp.moveaxis(o, -1, 0) if k == "s"
-                     else jnp.moveaxis(jnp.moveaxis(o, 0, -1), -2, 0)
+        back = tuple(jnp.moveaxis(o, -1, 0) if k == "s" else jnp.swapaxes(o, 0, -1)
                      for o, k in zip(outs, kinds_out, strict=True))
         return back, (True,) * len(back)
 
