@@ -37,8 +37,9 @@ Our trainings of one flow structure in this process share one compiled epoch pro
 compilation, as in a user's sweep over seeds. ``--compile-each`` clears the compiled
 programs before each of our trainings, so every one pays it, as separate processes do.
 
-``--cache-dir`` turns on JAX's persistent compilation cache for this process (the
-engine never does on its own); a second run with the same flow config and data sizes
+``--cache-dir`` turns on JAX's persistent compilation cache for this process
+(:func:`sbi_engine.runtime.enable_compile_cache`; the library never does on its own, the
+``sbi-engine`` command does); a second run with the same flow config and data sizes
 then loads the compiled epoch instead of compiling it.
 
 The machine may be shared: compare numbers from one run, and repeat.
@@ -64,7 +65,12 @@ import numpy as np
 from sbi_engine import get_simulator
 from sbi_engine.npe import NPEConfig, train_npe
 from sbi_engine.programs import clear_compiled_programs
-from sbi_engine.runtime import add_pool_arguments, apply_pool_arguments, cpu_pool_threads
+from sbi_engine.runtime import (
+    add_pool_arguments,
+    apply_pool_arguments,
+    cpu_pool_threads,
+    enable_compile_cache,
+)
 from sbi_engine.simulate import simulate
 
 
@@ -126,8 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     apply_pool_arguments(args)
     if args.cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        enable_compile_cache(args.cache_dir)
 
     torch_info = "sbi skipped"
     if not args.no_sbi:

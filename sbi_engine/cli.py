@@ -455,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu-threads", type=int, metavar="N",
                         help="threads XLA's CPU runtime runs a program on (default: one per "
                              "core); 1 makes small flow trainings faster on the CPU")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", metavar="DIR",
+                       help="keep compiled programs in DIR and reuse them in later runs "
+                            "(default: $SBI_ENGINE_COMPILE_CACHE, else "
+                            "~/.cache/sbi-engine/xla; 'off' in the variable turns it off)")
+    cache.add_argument("--no-compile-cache", action="store_true",
+                       help="compile every program afresh, keep nothing on disk")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("simulators", help="list registered simulators")
@@ -589,6 +596,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CACHE_OFF = ("off", "0", "false", "no", "none", "")
+
+
+def _compile_cache(args) -> Path | None:
+    """Turn on the persistent compile cache the options and environment ask for.
+
+    ``--no-compile-cache`` > ``--compile-cache DIR`` > ``$SBI_ENGINE_COMPILE_CACHE`` (a
+    directory or ``off``) > a ``JAX_COMPILATION_CACHE_DIR`` the user set for JAX (left to
+    JAX) > the default directory. A directory the user named must work (an error
+    otherwise); when the default one cannot be written, a note says so and the command
+    runs without the cache.
+    """
+    from sbi_engine.runtime import (
+        COMPILE_CACHE_ENV,
+        default_compile_cache_dir,
+        enable_compile_cache,
+    )
+
+    if args.no_compile_cache:
+        return None
+    named = args.compile_cache
+    if named is None and COMPILE_CACHE_ENV in os.environ:
+        named = os.environ[COMPILE_CACHE_ENV]
+        if named.strip().lower() in _CACHE_OFF:
+            return None
+    if named is not None:
+        return enable_compile_cache(named)
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None  # the user's own JAX setting
+    try:
+        return enable_compile_cache(default_compile_cache_dir())
+    except SbiEngineError as err:
+        print(f"note: running without the compile cache: {err} (set {COMPILE_CACHE_ENV}"
+              "=DIR to put it elsewhere, or =off)", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sbi-engine`` console script. Returns the exit code."""
     parser = build_parser()
@@ -601,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        _compile_cache(args)
         if args.cpu_threads is not None:
             from sbi_engine.runtime import limit_cpu_threads
 

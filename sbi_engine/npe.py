@@ -43,11 +43,10 @@ or an experiment's runs on data of one size compile once (and their posteriors s
 one compiled ``sample`` and ``log_prob``)
 (``TrainResult.compilations`` is 0 for a training that reused a program;
 :func:`~sbi_engine.programs.clear_compiled_programs` frees them). Separate processes
-can share compilations through JAX's persistent compilation cache, which the engine
-leaves off (it is process-wide state, so the choice is the user's): set the environment
-variable ``JAX_COMPILATION_CACHE_DIR=/path/to/cache`` (and optionally
-``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0`` to also keep the small validation
-program), or ``jax.config.update("jax_compilation_cache_dir", path)``.
+can share compilations through JAX's persistent compilation cache: the ``sbi-engine``
+command turns it on (``~/.cache/sbi-engine/xla``), the library leaves it off (it is
+process-wide state, so the choice is the user's):
+:func:`sbi_engine.runtime.enable_compile_cache` turns it on in a script.
 
 Truncated sequential NPE (TSNPE, Deistler, Goncalves & Macke 2022) for one observation
 ``x_o`` is in :func:`train_tsnpe`: round r simulates from the prior truncated to the

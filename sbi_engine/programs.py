@@ -8,10 +8,10 @@ hands out one jitted function per *structure key*, a digest of everything the tr
 program depends on apart from its array arguments, so the seeds of a sweep, the
 trainings of an experiment and repeated runs in a notebook share one compilation.
 
-The cache lives in memory only (JAX's persistent compilation cache, which the engine
-leaves off, is the cross-process one: see :mod:`sbi_engine.npe`). It holds at most
-``size`` structures, least recently used out first; :func:`clear_compiled_programs`
-empties every cache, freeing the compiled executables.
+The cache lives in memory only (JAX's persistent compilation cache is the cross-process
+one: :func:`sbi_engine.runtime.enable_compile_cache`, on in the ``sbi-engine``
+command). It holds at most ``size`` structures, least recently used out first;
+:func:`clear_compiled_programs` empties every cache, freeing the compiled executables.
 """
 
 from __future__ import annotations

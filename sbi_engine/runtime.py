@@ -17,16 +17,31 @@ cores and then gives every thread its full affinity back, so only the pool's siz
 changes: XLA still compiles on every core, and nothing is pinned. Call it before the
 first JAX computation. It suits small models trained on the CPU; a large vmapped
 simulator or a big batch wants every core, which is the default. Linux only.
+
+:func:`enable_compile_cache` keeps compiled programs on disk for later processes (JAX's
+persistent compilation cache). XLA compilation is most of a short job's fixed cost:
+about 7 s of the 9–10 s a 2-D NSF training spends before its first epoch on one CPU
+core, 6 s of a pyloric simulation run. The ``sbi-engine`` command turns it on by default
+(``--compile-cache``, ``--no-compile-cache``, ``$SBI_ENGINE_COMPILE_CACHE``); the library
+leaves it off, since it is process-wide state.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 from sbi_engine.errors import ConfigError, SbiEngineError
 
-__all__ = ["add_pool_arguments", "apply_pool_arguments", "cpu_pool_threads",
+__all__ = ["COMPILE_CACHE_ENV", "add_pool_arguments", "apply_pool_arguments",
+           "cpu_pool_threads", "default_compile_cache_dir", "enable_compile_cache",
            "limit_cpu_threads"]
+
+#: Environment variable the ``sbi-engine`` command reads: the compile cache's directory,
+#: or ``off``.
+COMPILE_CACHE_ENV = "SBI_ENGINE_COMPILE_CACHE"
 
 _POOL: int | None = None  # what limit_cpu_threads set
 
@@ -87,6 +102,82 @@ def limit_cpu_threads(n: int = 1) -> int:
         _restore_affinity(cpus)
     _POOL = n
     return n
+
+
+def default_compile_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sbi-engine/xla``, or ``~/.cache/sbi-engine/xla``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sbi-engine" / "xla"
+
+
+def _cache_fixed() -> bool:
+    """Whether this process has already decided to use (or not) the persistent cache.
+
+    JAX decides at its first compilation and ignores later changes of the directory."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import compilation_cache
+
+    return bool(getattr(compilation_cache, "_cache_checked", False))
+
+
+def enable_compile_cache(path: str | os.PathLike, *, max_bytes: int = 1 << 30) -> Path:
+    """Keep this process's compiled XLA programs in ``path`` and reuse them from there.
+
+    Turns on JAX's persistent compilation cache for every program (no minimum compile
+    time), bounded to ``max_bytes`` (least recently used entries go first), for this
+    process and, through the ``JAX_COMPILATION_*`` environment variables, the processes it
+    starts (Dask workers). A program compiled once, by any process with the same JAX
+    version, XLA flags and device, then loads in milliseconds: a 2-D NSF training's
+    start-up falls from about 9 to 2 s, and results do not change. Entries are XLA's
+    serialised executables (no pickle); an unreadable entry is recompiled with a
+    warning, never an error.
+
+    Args:
+        path: the cache directory; created if missing.
+        max_bytes: the cache's size bound, at least 1 MiB.
+
+    Returns:
+        The directory, absolute.
+
+    Raises:
+        ConfigError: ``max_bytes`` below 1 MiB.
+        SbiEngineError: the directory cannot be created or written, or this process has
+            already compiled a program (JAX fixes its cache at the first compilation:
+            call this first).
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1 << 20:
+        raise ConfigError(f"compile cache max_bytes: expected an integer of at least "
+                          f"1 MiB (1048576), got {max_bytes!r}")
+    path = Path(path).expanduser().absolute()
+    import jax
+
+    if _cache_fixed():
+        if jax.config.jax_compilation_cache_dir == str(path):
+            return path  # already on, here
+        raise SbiEngineError(
+            "enable_compile_cache must run before JAX's first compilation: this process "
+            "has already compiled a program, with the cache off or elsewhere (call it at "
+            "the top of the script, or set JAX_COMPILATION_CACHE_DIR before starting Python)")
+    try:
+        import filelock  # noqa: F401  (JAX needs it to bound the cache's size)
+    except ImportError:
+        raise SbiEngineError("the compile cache needs the filelock package "
+                             "(pip install filelock)") from None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise SbiEngineError(f"compile cache {path}: cannot write there "
+                             f"({err.strerror or err})") from None
+    settings = {"jax_compilation_cache_dir": str(path),
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_compilation_cache_max_size": max_bytes}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)  # for the processes this one starts
+    return path
 
 
 def cpu_pool_threads() -> str:

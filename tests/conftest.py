@@ -1,6 +1,10 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI's persistent compile cache stays off in tests (in-process `main` calls and the
+# subprocesses they start): no writes to ~/.cache, every test compiles what it runs.
+# tests/test_runtime.py turns it on explicitly, in subprocesses.
+os.environ["SBI_ENGINE_COMPILE_CACHE"] = "off"
 
 import pathlib
 

@@ -1,14 +1,17 @@
-"""limit_cpu_threads: the size of XLA's CPU runtime pool (sbi_engine.runtime)."""
+"""sbi_engine.runtime: the size of XLA's CPU runtime pool (limit_cpu_threads) and the
+persistent compile cache (enable_compile_cache, the CLI's --compile-cache)."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from sbi_engine import cli, runtime
 from sbi_engine.errors import ConfigError, SbiEngineError
-from sbi_engine.runtime import limit_cpu_threads
+from sbi_engine.runtime import enable_compile_cache, limit_cpu_threads
 
 # Starts JAX (optionally through limit_cpu_threads), runs a computation and reports
 # the runtime's pool threads (named tf_XLAEigen) and every thread's CPU affinity.
@@ -99,3 +102,107 @@ def test_cli_option():
                           "simulators"], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "two_moons" in run.stdout
+
+
+def _cache_entries(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir() if p.name.endswith("-cache")}
+
+
+def test_compile_cache_reuses_programs_across_processes_and_keeps_results(tmp_path):
+    assert cli.main(["simulate", "two_moons", "--num", "300", "--seed", "0",
+                     "--out", str(tmp_path / "d")]) == 0
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("SBI_ENGINE_COMPILE_CACHE")
+
+    def train(out):
+        run = subprocess.run(
+            [sys.executable, "-m", "sbi_engine.cli", "--compile-cache", str(cache), "train",
+             str(tmp_path / "d"), "--max-epochs", "2", "--out", str(tmp_path / out),
+             "--quiet", "--no-checkpoint"],
+            capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "persistent compilation cache" not in run.stderr  # no read/write warnings
+        return (tmp_path / out / "params.msgpack").read_bytes()
+
+    first = train("m1")
+    written = _cache_entries(cache)
+    assert len(written) >= 3  # initialisation, epoch, sampling/validation programs
+    second = train("m2")
+    assert _cache_entries(cache) == written  # every program came from the cache
+    assert second == first  # and computes the same weights as a fresh compilation
+
+
+def test_compile_cache_resolution_order(tmp_path, monkeypatch, capsys):
+    turned_on = []
+
+    def fake_enable(path):
+        if "unwritable" in str(path):
+            raise SbiEngineError(f"compile cache {path}: cannot write there (denied)")
+        turned_on.append(str(path))
+        return Path(path)
+
+    monkeypatch.setattr(runtime, "enable_compile_cache", fake_enable)
+    monkeypatch.setattr(runtime, "default_compile_cache_dir", lambda: tmp_path / "default")
+
+    def resolve(*argv, env=None, jax_env=None):
+        turned_on.clear()
+        if env is None:
+            monkeypatch.delenv(runtime.COMPILE_CACHE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(runtime.COMPILE_CACHE_ENV, env)
+        if jax_env is None:
+            monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax_env)
+        args = cli.build_parser().parse_args([*argv, "simulators"])
+        cli._compile_cache(args)
+        return turned_on[:]
+
+    default = str(tmp_path / "default")
+    assert resolve() == [default]
+    assert resolve("--compile-cache", "/x") == ["/x"]
+    assert resolve("--compile-cache", "/x", env="/y") == ["/x"]
+    assert resolve(env="/y") == ["/y"]
+    assert resolve(env="off") == resolve(env="0") == resolve(env="") == []
+    assert resolve("--no-compile-cache", env="/y") == []
+    assert resolve(jax_env="/jax") == []  # JAX's own variable: left to JAX
+    assert resolve(env="/y", jax_env="/jax") == ["/y"]
+    with pytest.raises(SystemExit):  # the two options exclude each other
+        cli.build_parser().parse_args(["--compile-cache", "/x", "--no-compile-cache",
+                                       "simulators"])
+    # A directory the user named must work; the default may fail with a note only.
+    with pytest.raises(SbiEngineError, match="unwritable"):
+        resolve("--compile-cache", "/unwritable")
+    monkeypatch.setattr(runtime, "default_compile_cache_dir", lambda: Path("/unwritable"))
+    capsys.readouterr()
+    assert resolve() == []
+    assert "note: running without the compile cache" in capsys.readouterr().err
+
+
+def test_compile_cache_bad_input(tmp_path):
+    # (A directory that cannot be written: test_cli_reports_a_named_cache_it_cannot_use,
+    # in a fresh process.)
+    with pytest.raises(ConfigError, match="max_bytes"):
+        enable_compile_cache(tmp_path, max_bytes=10)
+    import jax.numpy as jnp
+
+    float(jnp.arange(3.0).sum())  # this process has compiled without the cache
+    with pytest.raises(SbiEngineError, match="before JAX's first compilation"):
+        enable_compile_cache(tmp_path / "late")
+    assert not (tmp_path / "late").exists()
+    import jax
+
+    assert not jax.config.jax_compilation_cache_dir
+
+
+def test_cli_reports_a_named_cache_it_cannot_use(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "sbi_engine.cli", "--compile-cache",
+                          str(blocker / "c"), "simulators"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"error: compile cache {blocker / 'c'}: cannot write there (Not a directory)"]
