@@ -20,8 +20,8 @@ simulator or a big batch wants every core, which is the default. Linux only.
 
 :func:`enable_compile_cache` keeps compiled programs on disk for later processes (JAX's
 persistent compilation cache). XLA compilation is most of a short job's fixed cost:
-about 7 s of the 9–10 s a 2-D NSF training spends before its first epoch on one CPU
-core, 6 s of a pyloric simulation run. The ``sbi-engine`` command turns it on by default
+about 7 s of the 8–10 s a 2-D NSF training spends before its first epoch on the 2-core
+CI machine, 6 s of a pyloric simulation run. The ``sbi-engine`` command turns it on by default
 (``--compile-cache``, ``--no-compile-cache``, ``$SBI_ENGINE_COMPILE_CACHE``); the library
 leaves it off, since it is process-wide state.
 """
@@ -129,7 +129,7 @@ def enable_compile_cache(path: str | os.PathLike, *, max_bytes: int = 1 << 30) -
     process and, through the ``JAX_COMPILATION_*`` environment variables, the processes it
     starts (Dask workers). A program compiled once, by any process with the same JAX
     version, XLA flags and device, then loads in milliseconds: a 2-D NSF training's
-    start-up falls from about 9 to 2 s, and results do not change. Entries are XLA's
+    start-up falls from 8–10 s to 2–3 s, and results do not change. Entries are XLA's
     serialised executables (no pickle); an unreadable entry is recompiled with a
     warning, never an error.
 
