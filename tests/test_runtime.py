@@ -104,8 +104,10 @@ def test_cli_option():
     assert "two_moons" in run.stdout
 
 
-def _cache_entries(directory: Path) -> set[str]:
-    return {p.name for p in directory.iterdir() if p.name.endswith("-cache")}
+def _cache_entries(directory: Path) -> dict[str, bytes]:
+    """Entry name -> its last-access stamp (JAX rewrites the ``-atime`` file on a hit)."""
+    return {p.name[:-len("-cache")]: (directory / (p.name[:-len("cache")] + "atime")).read_bytes()
+            for p in directory.iterdir() if p.name.endswith("-cache")}
 
 
 def test_compile_cache_reuses_programs_across_processes_and_keeps_results(tmp_path):
@@ -127,9 +129,11 @@ def test_compile_cache_reuses_programs_across_processes_and_keeps_results(tmp_pa
 
     first = train("m1")
     written = _cache_entries(cache)
-    assert len(written) >= 3  # initialisation, epoch, sampling/validation programs
+    assert len(written) >= 3  # the training's programs: initialisation, epoch, ...
     second = train("m2")
-    assert _cache_entries(cache) == written  # every program came from the cache
+    read = _cache_entries(cache)
+    assert read.keys() == written.keys()  # nothing compiled anew
+    assert all(read[k] != written[k] for k in read)  # every program loaded from disk
     assert second == first  # and computes the same weights as a fresh compilation
 
 
@@ -185,15 +189,16 @@ def test_compile_cache_bad_input(tmp_path):
     # in a fresh process.)
     with pytest.raises(ConfigError, match="max_bytes"):
         enable_compile_cache(tmp_path, max_bytes=10)
+    import jax
     import jax.numpy as jnp
 
-    float(jnp.arange(3.0).sum())  # this process has compiled without the cache
+    float(jnp.arange(3.0).sum())  # this process has compiled (without this cache)
+    before = jax.config.jax_compilation_cache_dir
     with pytest.raises(SbiEngineError, match="before JAX's first compilation"):
         enable_compile_cache(tmp_path / "late")
-    assert not (tmp_path / "late").exists()
-    import jax
-
-    assert not jax.config.jax_compilation_cache_dir
+    assert not (tmp_path / "late").exists()  # nothing created, nothing changed
+    assert jax.config.jax_compilation_cache_dir == before
+    assert os.environ.get("JAX_COMPILATION_CACHE_DIR") != str(tmp_path / "late")
 
 
 def test_cli_reports_a_named_cache_it_cannot_use(tmp_path):
