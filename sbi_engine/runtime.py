@@ -150,9 +150,9 @@ def enable_compile_cache(path: str | os.PathLike, *, max_bytes: int = 1 << 30) -
         raise ConfigError(f"compile cache max_bytes: expected an integer of at least "
                           f"1 MiB (1048576), got {max_bytes!r}")
     path = Path(path).expanduser().absolute()
-    import jax
-
     if _cache_fixed():
+        import jax
+
         if jax.config.jax_compilation_cache_dir == str(path):
             return path  # already on, here
         raise SbiEngineError(
@@ -175,8 +175,11 @@ def enable_compile_cache(path: str | os.PathLike, *, max_bytes: int = 1 << 30) -
                 "jax_persistent_cache_min_compile_time_secs": 0.0,
                 "jax_compilation_cache_max_size": max_bytes}
     for name, value in settings.items():
-        jax.config.update(name, value)
-        os.environ[name.upper()] = str(value)  # for the processes this one starts
+        # JAX reads these variables when it is imported, here or in the processes this
+        # one starts; a command that never imports JAX does not pay for importing it.
+        os.environ[name.upper()] = str(value)
+        if "jax" in sys.modules:
+            sys.modules["jax"].config.update(name, value)
     return path
 
 
