@@ -57,40 +57,40 @@ def main() -> int:
         run(["--no-compile-cache"], "simulate", "two_moons", "--num", "10000", "--seed",
             "0", "--out", "data")
         np.save(work / "xo.npy", np.zeros(2, np.float32))
-        commands = {
-            f"train (two_moons 10k, nsf, {args.epochs} epochs)": lambda o: run(
-                o, "train", "data", "--max-epochs", str(args.epochs), "--out",
-                f"model{len(o)}", "--quiet", "--no-checkpoint"),
-            "sample (1,000)": lambda o: run(
-                o, "sample", "model0", "--observation", "xo.npy", "--num", "1000",
-                "--seed", "0", "--out", "samples.npy"),
-            "simulate pyloric --num 20": lambda o: run(
-                o, "simulate", "pyloric", "--num", "20", "--seed", "0", "--out",
-                f"pyloric{len(o)}"),
+        commands = {  # each writes to `out`, removed after it
+            f"train (two_moons 10k, nsf, {args.epochs} epochs)": (
+                "train", "data", "--max-epochs", str(args.epochs), "--out", "out",
+                "--quiet", "--no-checkpoint"),
+            "sample (1,000)": ("sample", "model", "--observation", "xo.npy", "--num",
+                               "1000", "--seed", "0", "--out", "out.npy"),
+            "simulate pyloric --num 20": ("simulate", "pyloric", "--num", "20", "--seed",
+                                          "0", "--out", "out"),
         }
-        warm = ["--compile-cache", str(cache)]
-        run(["--no-compile-cache"], "train", "data", "--max-epochs", "1", "--out",
-            "model0", "--quiet", "--no-checkpoint")
+
+        def timed(options: list[str], command: tuple[str, ...]) -> float:
+            seconds = run(options, *command)
+            shutil.rmtree(work / "out", ignore_errors=True)
+            return seconds
+
+        cold, warm = ["--no-compile-cache"], ["--compile-cache", str(cache)]
+        run(cold, "train", "data", "--max-epochs", "1", "--out", "model", "--quiet",
+            "--no-checkpoint")
         for command in commands.values():  # fill the cache
-            command(warm)
-            for out in ("model2", "pyloric2"):
-                shutil.rmtree(work / out, ignore_errors=True)
+            timed(warm, command)
         times: dict[str, dict[str, list[float]]] = {n: {"cold": [], "warm": []}
                                                     for n in commands}
         for r in range(args.rounds):
-            for mode, options in (("cold", ["--no-compile-cache"]), ("warm", warm)):
+            for mode, options in (("cold", cold), ("warm", warm)):
                 for name, command in commands.items():
-                    times[name][mode].append(command(options))
-                    for out in ("model1", "model2", "pyloric1", "pyloric2"):
-                        shutil.rmtree(work / out, ignore_errors=True)
+                    times[name][mode].append(timed(options, command))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         size = sum(p.stat().st_size for p in cache.iterdir()) / 2**20
         print(f"\n{'command':42s} {'no cache s':>18s} {'warm cache s':>18s} {'ratio':>7s}")
         for name, t in times.items():
-            cold = ", ".join(f"{v:.1f}" for v in t["cold"])
-            hot = ", ".join(f"{v:.1f}" for v in t["warm"])
+            without = ", ".join(f"{v:.1f}" for v in t["cold"])
+            with_ = ", ".join(f"{v:.1f}" for v in t["warm"])
             ratio = statistics.median(t["cold"]) / statistics.median(t["warm"])
-            print(f"{name:42s} {cold:>18s} {hot:>18s} {ratio:6.2f}x")
+            print(f"{name:42s} {without:>18s} {with_:>18s} {ratio:6.2f}x")
         print(f"cache: {size:.1f} MiB in {len(list(cache.glob('*-cache')))} entries")
     finally:
         if not args.work:
