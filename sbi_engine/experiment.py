@@ -96,6 +96,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -111,7 +112,7 @@ from sbi_engine.errors import ConfigError, SbiEngineError
 from sbi_engine.flows import FlowConfig
 from sbi_engine.interrupt import ctrl_c_latch
 from sbi_engine.store import atomic_write_bytes, jsonable, read_toml
-from sbi_engine.systematics import SystematicsConfig
+from sbi_engine.systematics import SUMMARY, SystematicsConfig, plot_z_matrix
 
 __all__ = [
     "EXPERIMENT_TYPES",
@@ -1825,8 +1826,6 @@ def _save_study_models(ctx: RunContext, result: Any, tag: str) -> None:
 
 
 def _systematics_report(ctx: RunContext) -> dict[str, Any]:
-    from sbi_engine import plotting
-
     seeds = ctx.config.seeds
     per_seed = {s: ctx.results[f"study/seed{s}"]["metrics"] for s in seeds}
     write_metrics(ctx, per_seed, primary="best/z_worst",
@@ -1834,19 +1833,17 @@ def _systematics_report(ctx: RunContext) -> dict[str, Any]:
     # mean matrix over seeds: Z per (row, test setting) and the summary columns
     runs = [_read_json(ctx.out / "results" / f"seed{s}.json") for s in seeds]
     rows, cols = runs[0]["rows"], runs[0]["cols"]
-    keys = [k for k in ("nominal", "worst", "prior_avg", "profiled")
-            if any(v is not None for v in runs[0]["summary"][k])]
+    keys = [k for k in SUMMARY if any(v is not None for v in runs[0]["summary"][k])]
     stack = np.array([[[np.nan if v is None else v for v in r] for r in run["z"]]
                       for run in runs], np.float64)  # (S, R, C)
     summ = np.array([[[np.nan if v is None else v for v in run["summary"][k]] for k in keys]
                      for run in runs], np.float64)  # (S, K, R)
-    mean = np.concatenate([np.nanmean(stack, 0), np.nanmean(summ, 0).T], axis=1) \
-        if keys else np.nanmean(stack, 0)
-    plotting.plot_heatmap(mean, rows, [*cols, *(f"[{k}]" for k in keys)],
-                          "Asimov Z" + (f", mean over {len(seeds)} seeds" if len(seeds) > 1
-                                        else ""), colorbar_label="Z_A",
-                          xlabel="test setting", ylabel="training",
-                          path=ctx.path("plots", "heatmap.png"))
+    with warnings.catch_warnings():  # a column NaN in every seed stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        z_mean, summ_mean = np.nanmean(stack, 0), np.nanmean(summ, 0)
+    plot_z_matrix(z_mean, dict(zip(keys, summ_mean, strict=True)), rows, cols,
+                  "Asimov Z" + (f", mean over {len(seeds)} seeds" if len(seeds) > 1 else ""),
+                  path=ctx.path("plots", "heatmap.png"))
     gen = ctx.config.section("systematics").generator
     figures = [["plots/heatmap.png", f"{gen}: Asimov Z of each model (rows) on each test "
                                      f"setting (columns) and summary columns"

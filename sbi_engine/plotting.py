@@ -36,12 +36,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import NullFormatter
 from scipy import ndimage, stats
 
 from sbi_engine.diagnostics import CoverageResult, PredictiveCheck
-from sbi_engine.errors import ShapeError
+from sbi_engine.errors import ConfigError, ShapeError
 from sbi_engine.store import FILE_MODE
 
 __all__ = [
@@ -569,9 +569,17 @@ def plot_heatmap(
     colorbar_label: str | None = None,
     xlabel: str | None = None,
     ylabel: str | None = None,
+    by_column: bool = False,
+    best: str | None = None,
+    split: int | None = None,
     path: PathLike | None = None,
 ) -> Figure:
     """Annotated heatmap, e.g. a train-on-row / test-on-column systematics matrix.
+
+    In a systematics matrix the test setting moves every row together, so one colour
+    scale for the whole matrix mostly shows the columns. ``by_column=True`` colours each
+    cell by its distance to the best cell of its column (the annotations stay the
+    values), which shows which row is best on each test setting, and by how much.
 
     Args:
         matrix: ``(R, C)`` values (NaN cells are left blank).
@@ -583,6 +591,11 @@ def plot_heatmap(
         colorbar_label: Label of the colour bar.
         xlabel: Label of the column axis.
         ylabel: Label of the row axis.
+        by_column: colour by ``value - best of its column`` (needs ``best``), so the
+            best cell of every column has colour 0 and the others are negative
+            (``best="max"``) or positive (``"min"``).
+        best: ``"max"`` or ``"min"``: outline the best cell of each column (ties: all).
+        split: draw a separating line before column ``split`` (e.g. summary columns).
         path: If given, the figure is also saved there.
 
     Returns:
@@ -591,14 +604,29 @@ def plot_heatmap(
     m = np.asarray(matrix, dtype=np.float64)
     if m.ndim != 2 or m.size == 0:
         raise ShapeError(f"matrix: expected a non-empty 2-D array, got shape {m.shape}")
+    if best not in (None, "max", "min"):
+        raise ConfigError(f"best: expected 'max', 'min' or None, got {best!r}")
+    if by_column and best is None:
+        raise ConfigError("by_column: needs best='max' or 'min' (which cell is the best)")
     R, C = m.shape
+    if split is not None and not (isinstance(split, int | np.integer) and 0 < split < C):
+        raise ConfigError(f"split: expected a column index in 1..{C - 1}, got {split!r}")
     rows = _labels(row_labels, R, "row_labels", "")
     cols = _labels(col_labels, C, "col_labels", "")
     fig = _figure(min(1.0 + 0.8 * C, 16) + 1.2, min(0.8 + 0.6 * R, 14) + 0.5)
     ax = fig.subplots()
-    finite = m[np.isfinite(m)]
+    finite_cols = np.isfinite(m).any(axis=0)
+    col_best = np.full(C, np.nan)
+    if best is not None:
+        pick = np.nanmax if best == "max" else np.nanmin
+        col_best[finite_cols] = pick(m[:, finite_cols], axis=0)
+    shown = m - col_best if by_column else m
+    finite = shown[np.isfinite(shown)]
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    if by_column:  # 0 (the best) at the bright end of the scale
+        vmin, vmax = (min(vmin, -1e-12), 0.0) if best == "max" else (0.0, max(vmax, 1e-12))
+        cmap = cmap if best == "max" else f"{cmap}_r"
+    im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     cbar = fig.colorbar(im, ax=ax)
     if colorbar_label:
         cbar.set_label(colorbar_label)
@@ -612,7 +640,7 @@ def plot_heatmap(
             for c in range(C):
                 if np.isfinite(m[r, c]):
                     # Dark text on bright cells, light text on dark ones.
-                    bright = float(np.mean(cm(im.norm(m[r, c]))[:3])) > 0.5
+                    bright = float(np.mean(cm(im.norm(shown[r, c]))[:3])) > 0.5
                     ax.text(
                         c,
                         r,
@@ -622,6 +650,12 @@ def plot_heatmap(
                         fontsize="small",
                         color="black" if bright else "white",
                     )
+    if best is not None:
+        for r, c in zip(*np.nonzero(m == col_best[None, :]), strict=True):
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red",
+                                   linewidth=2))
+    if split is not None:
+        ax.axvline(split - 0.5, color="white", linewidth=4)
     if xlabel:
         ax.set_xlabel(xlabel)
     if ylabel:

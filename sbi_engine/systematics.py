@@ -114,6 +114,7 @@ __all__ = [
     "make_design",
     "nuisance_steps",
     "one_at_a_time",
+    "plot_z_matrix",
     "prior_samples",
     "run_study",
 ]
@@ -646,15 +647,9 @@ class SystematicsResult:
         return path
 
     def plot(self, path: str | Path | None = None):
-        """Heatmap: the Z matrix, then the summary columns."""
-        from sbi_engine.plotting import plot_heatmap
-
-        keys = [k for k in SUMMARY if np.any(np.isfinite(self.summary[k]))]
-        m = np.concatenate([self.z] + [self.summary[k][:, None] for k in keys], axis=1)
-        return plot_heatmap(m, list(self.rows), [*self.cols, *(f"[{k}]" for k in keys)],
-                            "Asimov Z: train (rows) x test (columns)",
-                            colorbar_label="Z_A", xlabel="test setting",
-                            ylabel="training", path=path)
+        """Heatmap: the Z matrix, then the summary columns (:func:`plot_z_matrix`)."""
+        return plot_z_matrix(self.z, self.summary, self.rows, self.cols,
+                             "Asimov Z: train (rows) x test (columns)", path=path)
 
     def table(self) -> str:
         """A plain-text table of the matrix and summary columns."""
@@ -672,6 +667,40 @@ class SystematicsResult:
 # ------------------------------------------------------------------------------------
 # The study
 # ------------------------------------------------------------------------------------
+
+
+def plot_z_matrix(z: np.ndarray, summary: Mapping[str, np.ndarray], rows: Sequence[str],
+                  cols: Sequence[str], title: str, *, path: str | Path | None = None):
+    """Heatmap of a study's Z matrix and its summary columns, coloured per column.
+
+    Each cell shows its Z; its colour is its distance to the best Z of its column, and
+    the best cell of each column is outlined, so the most robust row on each test
+    setting (and on the ``[worst]`` summary) stands out even where the test setting
+    moves every row's Z together. A line separates the summary columns.
+
+    Args:
+        z: ``(R, C)`` Asimov Z of each row (training setting or method) on each test
+            setting.
+        summary: ``{name: (R,)}`` summary columns (the :data:`SUMMARY` keys); columns
+            with no finite value are left out.
+        rows: ``R`` row labels.
+        cols: ``C`` test-setting labels.
+        title: figure title.
+        path: also save the figure there.
+
+    Returns:
+        The matplotlib figure.
+    """
+    from sbi_engine.plotting import plot_heatmap
+
+    keys = [k for k in SUMMARY if k in summary and np.any(np.isfinite(summary[k]))]
+    m = np.concatenate([np.asarray(z, np.float64)]
+                       + [np.asarray(summary[k], np.float64)[:, None] for k in keys], axis=1)
+    return plot_heatmap(m, list(rows), [*cols, *(f"[{k}]" for k in keys)],
+                        f"{title}\n(colour: Z minus the best of its column; box: the best)",
+                        colorbar_label="Z_A - best Z_A of the column", xlabel="test setting",
+                        ylabel="training", by_column=True, best="max",
+                        split=len(cols) if keys else None, path=path)
 
 
 def _method_config(base: ClassifierConfig, method: str, sigma_b: float,

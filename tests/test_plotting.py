@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from sbi_engine import diagnostics as dg
 from sbi_engine import plotting as pl
-from sbi_engine.errors import ShapeError
+from sbi_engine.errors import ConfigError, ShapeError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -144,6 +144,36 @@ def test_plot_heatmap(tmp_path):
     assert [t.get_text() for t in ax.texts] == ["1.20", "0.80", "0.90", "1.50", "1.10"]
     with pytest.raises(ShapeError, match="row_labels"):
         pl.plot_heatmap(m, ["a"], ["x", "y", "z"], "t")
+
+
+def test_plot_heatmap_by_column_marks_each_columns_best(tmp_path):
+    # rows are methods, columns test settings; column 2 has no finite value
+    m = np.array([[3.0, 1.0, np.nan, 2.0], [2.5, 1.2, np.nan, 2.0], [2.0, 0.5, np.nan, 1.0]])
+    fig = pl.plot_heatmap(m, ["a", "b", "c"], ["w", "x", "y", "[s]"], "Z", by_column=True,
+                          best="max", split=3, path=tmp_path / "h.png")
+    assert_png(tmp_path / "h.png")
+    ax = fig.axes[0]
+    shown = np.ma.filled(ax.images[0].get_array(), np.nan)
+    expected = m - np.array([3.0, 1.2, np.nan, 2.0])
+    np.testing.assert_allclose(shown, expected)
+    assert ax.images[0].norm.vmax == 0.0 and ax.images[0].norm.vmin == -1.0
+    # the annotations stay the values; the best cells (both of a tie) are outlined
+    assert [t.get_text() for t in ax.texts][:4] == ["3.00", "1.00", "2.00", "2.50"]
+    boxes = sorted((p.get_x() + 0.5, p.get_y() + 0.5) for p in ax.patches)
+    assert boxes == [(0, 0), (1, 1), (3, 0), (3, 1)]
+    assert [line.get_xdata()[0] for line in ax.lines] == [2.5]
+    # "min": the smallest value is the best and sits at the bright end
+    fig = pl.plot_heatmap(m[:, :2], ["a", "b", "c"], ["w", "x"], "loss", by_column=True,
+                          best="min")
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), m[:, :2] - [2.0, 0.5])
+    assert sorted((p.get_x() + 0.5, p.get_y() + 0.5) for p in ax.patches) == [(0, 2), (1, 2)]
+    with pytest.raises(ConfigError, match="best: expected 'max', 'min'"):
+        pl.plot_heatmap(m, ["a", "b", "c"], list("wxyz"), "t", best="largest")
+    with pytest.raises(ConfigError, match="by_column: needs best"):
+        pl.plot_heatmap(m, ["a", "b", "c"], list("wxyz"), "t", by_column=True)
+    with pytest.raises(ConfigError, match=r"split: expected a column index in 1\.\.3, got 4"):
+        pl.plot_heatmap(m, ["a", "b", "c"], list("wxyz"), "t", split=4)
 
 
 def test_plot_significance_and_training_curves(tmp_path):

@@ -14,6 +14,7 @@ from sbi_engine.cli import main
 from sbi_engine.errors import ConfigError
 from sbi_engine.events import get_generator
 from sbi_engine.systematics import (
+    SUMMARY,
     Design,
     SystematicsConfig,
     corners,
@@ -186,8 +187,17 @@ def test_json_and_png(tiny, tmp_path):
     data = json.loads(path.read_text())
     assert data["rows"] == list(tiny.rows) and len(data["z"]) == 4
     assert data["config"]["generator"] == "pivot"
-    tiny.plot(tmp_path / "h.png")
+    fig = tiny.plot(tmp_path / "h.png")
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    # coloured per column: each cell's distance to its column's best, best outlined
+    ax = fig.axes[0]
+    keys = [k for k in SUMMARY if np.any(np.isfinite(tiny.summary[k]))]
+    m = np.column_stack([tiny.z, *(tiny.summary[k] for k in keys)])
+    np.testing.assert_allclose(np.ma.filled(ax.images[0].get_array(), np.nan),
+                               m - np.nanmax(m, axis=0))
+    best_cells = {(int(c), int(r)) for r, c in zip(*np.nonzero(m == np.nanmax(m, axis=0)))}
+    assert {(round(p.get_x() + 0.5), round(p.get_y() + 0.5)) for p in ax.patches} == best_cells
+    assert [line.get_xdata()[0] for line in ax.lines] == [len(tiny.cols) - 0.5]
     assert "bce@z=-1" in tiny.table()
 
 
