@@ -652,15 +652,19 @@ class SystematicsResult:
                              "Asimov Z: train (rows) x test (columns)", path=path)
 
     def table(self) -> str:
-        """A plain-text table of the matrix and summary columns."""
+        """A plain-text table of the matrix and summary columns; ``*`` marks each column's best."""
         cols = [*self.cols, *SUMMARY]
+        m = np.column_stack([self.z, *(self.summary[k] for k in SUMMARY)])
+        finite = np.isfinite(m)
+        best = finite & (m == np.max(np.where(finite, m, -np.inf), axis=0))
         width = max(8, *(len(c) for c in cols))
         first = max(8, *(len(r) for r in self.rows))
-        lines = [" " * first + " " + " ".join(c.rjust(width) for c in cols)]
+        lines = [" " * first + " " + " ".join(c.rjust(width) + " " for c in cols).rstrip()]
         for i, r in enumerate(self.rows):
-            vals = [*self.z[i], *(self.summary[k][i] for k in SUMMARY)]
             lines.append(r.ljust(first) + " " + " ".join(
-                (f"{v:.3f}" if np.isfinite(v) else "-").rjust(width) for v in vals))
+                (f"{v:.3f}" if ok else "-").rjust(width) + ("*" if top else " ")
+                for v, ok, top in zip(m[i], finite[i], best[i], strict=True)).rstrip())
+        lines.append("* the best Z of the column")
         return "\n".join(lines)
 
 

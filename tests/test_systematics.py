@@ -198,7 +198,15 @@ def test_json_and_png(tiny, tmp_path):
     best_cells = {(int(c), int(r)) for r, c in zip(*np.nonzero(m == np.nanmax(m, axis=0)))}
     assert {(round(p.get_x() + 0.5), round(p.get_y() + 0.5)) for p in ax.patches} == best_cells
     assert [line.get_xdata()[0] for line in ax.lines] == [len(tiny.cols) - 0.5]
-    assert "bce@z=-1" in tiny.table()
+    lines = tiny.table().splitlines()
+    assert any(line.startswith("bce@z=-1") for line in lines)
+    assert lines[-1] == "* the best Z of the column"
+    full = np.column_stack([tiny.z, *(tiny.summary[k] for k in SUMMARY)])
+    best = full == np.max(np.where(np.isfinite(full), full, -np.inf), axis=0)
+    assert [line.count("*") for line in lines[1:-1]] == list(best.sum(axis=1))
+    worst_col = len(tiny.cols) + SUMMARY.index("worst")
+    top = int(np.nanargmax(tiny.summary["worst"]))
+    assert lines[1 + top].split()[1 + worst_col].endswith("*")
 
 
 def test_profiled_column():
