@@ -1435,10 +1435,13 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def score_table(summary: Mapping[str, Mapping[str, Any]], *, skip: Sequence[str] = ()) -> str:
+def score_table(summary: Mapping[str, Mapping[str, Any]], *, skip: Sequence[str] = (),
+                mark_best: bool = False) -> str:
     """RAMP-style table: metric ``group/score`` → row ``group``, column ``score``,
-    cells mean ± std over seeds."""
+    cells mean ± std over seeds. ``mark_best``: the best mean of each column (by
+    :func:`metric_direction`; ties all) is bold where two or more rows have the score."""
     rows: dict[str, dict[str, str]] = {}
+    means: dict[str, dict[str, float]] = {}
     cols: list[str] = []
     for name, entry in summary.items():
         if "/" not in name or name.split("/", 1)[0] in skip:
@@ -1447,8 +1450,17 @@ def score_table(summary: Mapping[str, Mapping[str, Any]], *, skip: Sequence[str]
         if score not in cols:
             cols.append(score)
         rows.setdefault(group, {})[score] = _pm(entry)
+        means.setdefault(score, {})[group] = entry["mean"]
     if not rows:
         return ""
+    if mark_best:
+        for score, by_group in means.items():
+            if len(by_group) > 1:
+                pick = max if metric_direction(score) == "max" else min
+                top = pick(by_group.values())
+                for group, mean in by_group.items():
+                    if mean == top:
+                        rows[group][score] = f"**{rows[group][score]}**"
     return _md_table(["", *cols], [[g, *(r.get(c, "") for c in cols)] for g, r in rows.items()])
 
 
@@ -1499,10 +1511,13 @@ def write_report(out: Path, config: ExperimentConfig, manifest: Mapping[str, Any
         lines += [f"- **{h}** ({metrics['directions'].get(h, 'min')} is better): "
                   f"{_pm(summary.get(h))}" for h in headline]
         lines.append("")
-    table = score_table(summary, skip=report.get("skip_groups", ()))
+    mark_best = bool(report.get("mark_best"))
+    table = score_table(summary, skip=report.get("skip_groups", ()), mark_best=mark_best)
     n = len(config.seeds)
     if table:
         lines += [f"## Scores (mean ± std over {n} seed{'s' if n > 1 else ''})", "", table, ""]
+        if mark_best:
+            lines += ["Bold: the best of each column.", ""]
     for section in report.get("sections", []):
         lines += [section, ""]
     per_seed = metrics.get("per_seed", {})
@@ -1847,10 +1862,13 @@ def _systematics_report(ctx: RunContext) -> dict[str, Any]:
     gen = ctx.config.section("systematics").generator
     figures = [["plots/heatmap.png", f"{gen}: Asimov Z of each model (rows) on each test "
                                      f"setting (columns) and summary columns"
-                                     + (", mean over seeds" if len(seeds) > 1 else "")]]
+                                     + (", mean over seeds" if len(seeds) > 1 else "")
+                                     + "; colour: distance to the best Z of the column, "
+                                       "outlined: the best"]]
     if len(seeds) > 1:
         figures += ctx.results[f"study/seed{seeds[0]}"]["figures"]
-    return {"figures": figures, "skip_groups": ["best"], "dirs": ["results", "models", "plots"],
+    return {"figures": figures, "skip_groups": ["best"], "mark_best": True,
+            "dirs": ["results", "models", "plots"],
             "sections": [_SYSTEMATICS_NOTE]}
 
 

@@ -34,6 +34,7 @@ from sbi_engine.experiment import (
     resolve,
     run_point,
     run_sweep,
+    score_table,
     to_toml,
     write_metrics,
 )
@@ -556,6 +557,21 @@ def test_aggregate_and_directions():
                                           "best/z_nominal", "augmented/auc_nominal",
                                           "sbc/min_pvalue", "coverage/max_abs_error")] == [
         "min", "min", "max", "max", "max", "max", "min"]
+
+
+def test_score_table_marks_each_columns_best_by_its_direction():
+    s = aggregate({"0": {"bce/z_worst": 3.1, "pivot/z_worst": 3.3, "aug/z_worst": 3.3,
+                         "bce/c2st": 0.6, "pivot/c2st": 0.55, "bce/only": 1.0, "best/z": 9.0},
+                   "1": {"bce/z_worst": 3.1, "pivot/z_worst": 3.1, "aug/z_worst": 3.3,
+                         "bce/c2st": 0.6, "pivot/c2st": 0.57, "bce/only": 1.0, "best/z": 9.0}})
+    plain = score_table(s, skip=["best"])
+    assert "**" not in plain
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:]
+            for line in score_table(s, skip=["best"], mark_best=True).splitlines()[2:]}
+    # z_worst: max is better (aug 3.3 beats pivot's mean 3.2); c2st: min is better
+    assert rows["aug"][0] == "**3.300 ± 0.000**" and rows["pivot"][0] == "3.200 ± 0.141"
+    assert rows["pivot"][1] == "**0.560 ± 0.014**" and rows["bce"][1] == "0.600 ± 0.000"
+    assert rows["bce"][2].strip(" |") == "1.000 ± 0.000"  # one row: nothing to compare
 
 
 def test_power_law_with_a_known_floor():
