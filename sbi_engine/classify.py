@@ -258,6 +258,7 @@ class ClassifierConfig:
         return {name: float(getattr(self, name)) for name in HYPER}
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable), inverted by :meth:`from_dict`."""
         return dataclasses.asdict(self)
 
     @classmethod

@@ -143,6 +143,7 @@ class NPEConfig:
         return cls(flow=FlowConfig(kind=estimator, **flow_kw), **overrides)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable), inverted by :meth:`from_dict`."""
         out = dataclasses.asdict(self)
         out["flow"] = self.flow.to_dict()
         return out
@@ -195,6 +196,7 @@ class TrainResult:
         return self.val_loss[self.best_epoch]
 
     def summary(self) -> dict[str, Any]:
+        """The scalars of the training (epochs, losses, rows used, times), for JSON; no curves."""
         return {
             "epochs": self.epochs,
             "best_epoch": self.best_epoch,

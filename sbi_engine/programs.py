@@ -64,6 +64,7 @@ class ProgramCache:
         return value
 
     def clear(self) -> None:
+        """Forget every program in this cache."""
         with self._lock:
             self._items.clear()
 

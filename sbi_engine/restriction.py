@@ -146,6 +146,7 @@ class ClassifierConfig:
                               f"{self.allowed_false_negatives!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable)."""
         out = dataclasses.asdict(self)
         out["hidden"] = list(self.hidden)
         return out
@@ -191,6 +192,7 @@ class ClassifierResult:
     compilations: int
 
     def summary(self) -> dict[str, Any]:
+        """The result's scalars for JSON: the loss curves replaced by the best validation loss."""
         out = dataclasses.asdict(self)
         out.pop("train_loss")
         out.pop("val_loss")

@@ -88,6 +88,7 @@ class Parameter:
                               f"[{self.low}, {self.high}]")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable): name, bounds, scale, unit."""
         return dataclasses.asdict(self)
 
 
@@ -100,6 +101,7 @@ class SimulationReport:
     errors: Counter = dataclasses.field(default_factory=Counter)
 
     def add(self, other: SimulationReport) -> None:
+        """Accumulate ``other``'s counts (total, invalid, errors by kind) into this report."""
         self.total += other.total
         self.invalid += other.invalid
         self.errors.update(other.errors)

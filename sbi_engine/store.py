@@ -298,6 +298,7 @@ class DatasetStore:
         return int(self.manifest["num_chunks"])
 
     def bounds(self, index: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of chunk ``index``."""
         start = index * self.chunk_size
         return start, min(start + self.chunk_size, self.num)
 
@@ -315,6 +316,8 @@ class DatasetStore:
     # -- chunks ------------------------------------------------------------------------------
 
     def read_record(self, index: int) -> dict | None:
+        """Chunk ``index``'s completion record; None if it is missing or unreadable
+        (the chunk is then simulated again)."""
         p = self._record_path(index)
         if not p.exists():
             return None

@@ -180,6 +180,7 @@ class Design:
         return len(self.names)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable): kind, names, the settings ``nu (S, K)`` as lists."""
         return {"kind": self.kind, "names": list(self.names), "nuisances": list(self.nuisances),
                 "varied": list(self.varied), "nu": self.nu.tolist(),
                 "resolution": self.resolution}
@@ -554,6 +555,7 @@ class SystematicsConfig:
         return gen
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable), inverted by :meth:`from_dict`."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["classifier"] = self.classifier.to_dict()
         d["nuisances"] = None if self.nuisances is None else list(self.nuisances)
@@ -624,6 +626,7 @@ class SystematicsResult:
                                                             compare=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for ``results.json``: the matrices as nested lists, non-finite as None."""
         def clean(a):
             return [[None if not np.isfinite(v) else float(v) for v in r] for r in
                     np.atleast_2d(a)]

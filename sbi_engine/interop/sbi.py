@@ -184,6 +184,7 @@ class TorchLogUniform(Distribution):
         return _interval_support(self.low, self.high)
 
     def to(self, device: Any) -> TorchLogUniform:
+        """Move the bounds to ``device`` (sbi moves its prior to the training device)."""
         self.low, self.high = self.low.to(device), self.high.to(device)
         return self
 
@@ -236,6 +237,7 @@ class TorchTruncatedNormal(Distribution):
         return _interval_support(self.low, self.high)
 
     def to(self, device: Any) -> TorchTruncatedNormal:
+        """Move the parameters to ``device`` (sbi moves its prior to the training device)."""
         for name in ("loc", "scale", "low", "high", "_a", "_b"):
             setattr(self, name, getattr(self, name).to(device))
         return self
