@@ -317,7 +317,7 @@ class DatasetStore:
 
     def read_record(self, index: int) -> dict | None:
         """Chunk ``index``'s completion record; None if it is missing or unreadable
-        (the chunk is then simulated again)."""
+        (the chunk then counts as not done, and a resumed run simulates it again)."""
         p = self._record_path(index)
         if not p.exists():
             return None
