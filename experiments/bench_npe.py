@@ -155,7 +155,8 @@ def main() -> None:
     parser.add_argument("--c2st-jobs", type=int, default=1,
                         help="processes for the sbibm C2STs, run after a task's trainings "
                              "so they never overlap a timed training (default 1)")
-    parser.add_argument("--nsf-init", choices=["zero_bias", "nflows"], default="zero_bias",
+    parser.add_argument("--nsf-init", choices=["torch_bias", "nflows", "zero_bias"],
+                        default="torch_bias",
                         help="our NSF's conditioner init (FlowConfig.nsf_init)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()

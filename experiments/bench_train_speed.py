@@ -79,7 +79,7 @@ def test_nll(posterior, test):
     return float(-np.mean(posterior.log_prob(test[0], test[1]))) if test else float("nan")
 
 
-def run_ours(kind, theta, x, prior, max_epochs, seed, test=None, nsf_init="zero_bias",
+def run_ours(kind, theta, x, prior, max_epochs, seed, test=None, nsf_init="torch_bias",
              compile_each=False):
     config = NPEConfig.for_estimator(kind, max_epochs=max_epochs, nsf_init=nsf_init)
     if compile_each:
@@ -123,7 +123,8 @@ def main() -> None:
     add_pool_arguments(parser, threads_all_help="let torch and XLA use every core "
                                                 "(default: one thread each)")
     parser.add_argument("--cache-dir", help="JAX persistent compilation cache directory")
-    parser.add_argument("--nsf-init", choices=["zero_bias", "nflows"], default="zero_bias",
+    parser.add_argument("--nsf-init", choices=["torch_bias", "nflows", "zero_bias"],
+                        default="torch_bias",
                         help="our NSF's conditioner init (FlowConfig.nsf_init)")
     parser.add_argument("--compile-each", action="store_true",
                         help="compile our epoch program for every training (as separate "

@@ -467,8 +467,8 @@ def test_nsf_conditioner_starts_where_nflows_does():
     """nflows' ResidualNet under sbi's build_nsf: every layer torch's nn.Linear init,
     U(±1/sqrt(fan_in)) for weights and biases, whose fan-in counts only the untransformed
     features; the last layer of each block U(±1e-3). ``nsf_init="nflows"`` starts there;
-    the default keeps zero biases and the fan-in of all D features (more epochs on the
-    2-D tasks, a better held-out NLL on slcp)."""
+    the default ``"torch_bias"`` differs only in the first layer's fan-in (all D
+    features); ``"zero_bias"`` starts every bias at zero."""
     d, c, hidden = 4, 3, 50
 
     def conditioner(**kw):
@@ -484,13 +484,16 @@ def test_nsf_conditioner_starts_where_nflows_does():
     fan_ins = {"Dense_0": d // 2 + c, "Dense_1": hidden, "Dense_3": c, "Dense_4": hidden,
                "Dense_6": c, "Dense_7": hidden}
     nflows, default = conditioner(nsf_init="nflows"), conditioner()
+    zero = conditioner(nsf_init="zero_bias")
+    assert FlowConfig().nsf_init == "torch_bias"
     for name, fan_in in fan_ins.items():
         for leaf in ("kernel", "bias"):
             assert_uniform(nflows[name][leaf], 1 / math.sqrt(fan_in), (name, leaf))
-        kernel_fan_in = d + c if name == "Dense_0" else fan_in
-        assert_uniform(default[name]["kernel"], 1 / math.sqrt(kernel_fan_in), name)
-        assert not np.any(np.asarray(default[name]["bias"])), name
-    for net in (nflows, default):
+            full_fan_in = d + c if name == "Dense_0" else fan_in
+            assert_uniform(default[name][leaf], 1 / math.sqrt(full_fan_in), (name, leaf))
+        assert_uniform(zero[name]["kernel"], 1 / math.sqrt(full_fan_in), name)
+        assert not np.any(np.asarray(zero[name]["bias"])), name
+    for net in (nflows, default, zero):
         for name in ("Dense_2", "Dense_5"):
             for leaf in ("kernel", "bias"):
                 assert 0.9e-3 < np.abs(np.asarray(net[name][leaf])).max() <= 1e-3

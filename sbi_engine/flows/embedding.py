@@ -33,8 +33,8 @@ Array = jax.Array
 
 #: PyTorch's ``nn.Linear`` default kernel init, U(±1/sqrt(fan_in)), so our networks
 #: start where the sbi/nflows ones do. The MADE conditioners also take torch's bias
-#: init (:func:`torch_bias_init`), and so does the NSF's residual net with
-#: ``FlowConfig.nsf_init="nflows"``; the embedding nets start their biases at zero.
+#: init (:func:`torch_bias_init`), and so does the NSF's residual net unless
+#: ``FlowConfig.nsf_init="zero_bias"``; the embedding nets start their biases at zero.
 torch_dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -45,12 +45,10 @@ def torch_bias_init(fan_in: int) -> Callable[..., Array]:
     ``fan_in``. Used by the MADE conditioners (MAF, ``nsf_ar``), as in nflows: on
     two_moons at 10k simulations the MAF's held-out NLL averages -2.899 over six seeds
     against -2.857 with zero biases (better on five seeds of six; the seed-to-seed
-    spread is about 0.1). The NSF's residual net uses it with
-    ``FlowConfig.nsf_init="nflows"``. With it (and nflows' first-layer fan-in) the NSF
-    learns faster early on and stops after fewer epochs, as sbi's does (958 epochs over
-    eight two_moons seeds against 1,304 with zero biases; sbi 953), with the same
-    held-out NLL there (-3.495 against -3.494), but a worse one on slcp (4.600 against
-    4.466 over eight seeds), so the default keeps zero biases.
+    spread is about 0.1). The NSF's residual net uses it by default
+    (``FlowConfig.nsf_init``): with zero biases it needs 16-20 % more epochs on the
+    2-D sbibm tasks and ends worse on gaussian_mixture (held-out NLL 1.245 against
+    1.227 over eight seeds; sbi 1.227).
     """
     bound = 1.0 / np.sqrt(max(int(fan_in), 1))
 

@@ -249,7 +249,8 @@ class ResidualNet(nn.Module):
 
     Attributes:
         torch_biases: those layers' biases start in ``U(±1/sqrt(fan_in))`` as in
-            nflows; False: at zero (``FlowConfig.nsf_init``).
+            nflows (``FlowConfig.nsf_init`` ``"torch_bias"`` and ``"nflows"``); False:
+            at zero (``"zero_bias"``).
         input_fan_in: the first layer's fan-in for its initialisation, when some of
             ``x`` is always zero (a coupling layer's transformed features); None: the
             width of ``[x, c]``.
@@ -338,7 +339,8 @@ def build_nsf_block(
     # nflows' fan-in (exact for even D; with odd D, for the layers that transform ⌈D/2⌉).
     nflows = config.nsf_init == "nflows"
     net = ResidualNet(out_features=width * k3, hidden=config.hidden, blocks=config.blocks,
-                      torch_biases=nflows, input_fan_in=d - width + context_dim if nflows else None)
+                      torch_biases=config.nsf_init != "zero_bias",
+                      input_fan_in=d - width + context_dim if nflows else None)
     spline = _spline_fn(config, config.hidden, inverse=False)
     spline_inv = _spline_fn(config, config.hidden, inverse=True)
 
