@@ -114,7 +114,7 @@ class FlowConfig:
             two_moons -3.511 / -3.518 / -3.490 (-3.503), gaussian_mixture 1.227 /
             1.228 / 1.245 (1.227), slcp 4.528 / 4.598 / 4.502 (4.627, three seeds),
             for ``torch_bias`` / ``nflows`` / ``zero_bias``: biases at zero learn the
-            2-D tasks more slowly (16-20 % more epochs to early stopping) and end
+            2-D tasks more slowly (19-24 % more epochs to early stopping) and end
             worse on gaussian_mixture; nflows' fan-in costs accuracy on slcp. It only
             sets initial values: the parameter tree is the same. The sbi backend
             always starts from nflows' own initialisation.

@@ -46,7 +46,7 @@ def torch_bias_init(fan_in: int) -> Callable[..., Array]:
     two_moons at 10k simulations the MAF's held-out NLL averages -2.899 over six seeds
     against -2.857 with zero biases (better on five seeds of six; the seed-to-seed
     spread is about 0.1). The NSF's residual net uses it by default
-    (``FlowConfig.nsf_init``): with zero biases it needs 16-20 % more epochs on the
+    (``FlowConfig.nsf_init``): with zero biases it needs 19-24 % more epochs on the
     2-D sbibm tasks and ends worse on gaussian_mixture (held-out NLL 1.245 against
     1.227 over eight seeds; sbi 1.227).
     """
