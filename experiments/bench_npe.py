@@ -54,12 +54,13 @@ PUBLISHED_NPE = {  # sbibm paper, NPE mean C2ST at 1k / 10k / 100k
 BUDGET_INDEX = {1_000: 0, 10_000: 1, 100_000: 2}
 
 
-def run_method(method, est, key, theta, x, prior, config, seed):
+def run_method(method, est, key, theta, x, prior, config, seed, sbi_device="cpu"):
     if method == "ours":
         return train_npe(key, theta, x, config=config, prior=prior, progress=False)
     from sbi_engine.interop.sbi import train_sbi
 
-    return train_sbi(theta, x, prior=prior, config=config, seed=seed, progress=False)
+    return train_sbi(theta, x, prior=prior, config=config, seed=seed, progress=False,
+                     device=sbi_device)
 
 
 def sbi_tsnpe(sim, x_o, rounds, per_round, config, seed):
@@ -158,6 +159,9 @@ def main() -> None:
     parser.add_argument("--nsf-init", choices=["torch_bias", "nflows", "zero_bias"],
                         default="torch_bias",
                         help="our NSF's conditioner init (FlowConfig.nsf_init)")
+    parser.add_argument("--sbi-device", default="cpu",
+                        help="torch device sbi's NPE trains on: cpu (default), cuda or cuda:N "
+                             "(--sbi-tsnpe stays on the CPU)")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
     apply_pool_arguments(args)
@@ -165,9 +169,14 @@ def main() -> None:
     try:
         import torch
 
+        from sbi_engine.interop.sbi import torch_device
+
+        if any(m.startswith("sbi") for m in args.methods):
+            torch_device(args.sbi_device)  # a bad device fails before any training
         if not args.threads_all:
             torch.set_num_threads(1)
-        torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} thread)"
+        torch_info = (f"torch {torch.__version__} ({torch.get_num_threads()} thread, sbi on "
+                      f"{args.sbi_device})")
     except ImportError:
         torch_info = "torch not installed: sbi methods skipped"
         args.methods = [m for m in args.methods if not m.startswith("sbi")]
@@ -186,7 +195,7 @@ def main() -> None:
             config = NPEConfig.for_estimator(est, nsf_init=args.nsf_init)  # sbi: its own init
             t0 = time.perf_counter()
             result = run_method(method, est, jax.random.PRNGKey(args.seed), data.theta,
-                                data.x, sim.prior, config, args.seed)
+                                data.x, sim.prior, config, args.seed, args.sbi_device)
             wall = time.perf_counter() - t0
             s = result.summary()
             print(f"  {task:<17} {spec:<9} {wall:8.1f} s  {s['epochs']:4d} epochs", flush=True)

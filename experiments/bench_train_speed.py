@@ -96,12 +96,13 @@ def run_ours(kind, theta, x, prior, max_epochs, seed, test=None, nsf_init="torch
             "best_val_loss": result.best_val_loss, "test_nll": test_nll(result.posterior, test)}
 
 
-def run_sbi(kind, theta, x, prior, max_epochs, seed, test=None):
+def run_sbi(kind, theta, x, prior, max_epochs, seed, test=None, device="cpu"):
     from sbi_engine.interop.sbi import train_sbi
 
     config = NPEConfig.for_estimator(kind, max_epochs=max(max_epochs, 2))
     c0, t0 = time.process_time(), time.perf_counter()
-    result = train_sbi(theta, x, prior=prior, config=config, seed=seed, progress=False)
+    result = train_sbi(theta, x, prior=prior, config=config, seed=seed, progress=False,
+                       device=device)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"epochs": result.epochs, "wall": wall, "cpu": cpu,
             "s_per_epoch": result.seconds / result.epochs,
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--compile-each", action="store_true",
                         help="compile our epoch program for every training (as separate "
                              "processes do) instead of reusing it across repeats")
+    parser.add_argument("--sbi-device", default="cpu",
+                        help="torch device sbi trains on: cpu (default), cuda or cuda:N")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     apply_pool_arguments(args)
@@ -140,9 +143,13 @@ def main() -> None:
         try:
             import torch
 
+            from sbi_engine.interop.sbi import torch_device
+
+            torch_device(args.sbi_device)  # a bad device fails before any training
             if not args.threads_all:
                 torch.set_num_threads(1)
-            torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} thread)"
+            torch_info = (f"torch {torch.__version__} ({torch.get_num_threads()} thread, "
+                          f"sbi on {args.sbi_device})")
         except ImportError:
             torch_info, args.no_sbi = "torch not installed: sbi skipped", True
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}; "
@@ -161,7 +168,8 @@ def main() -> None:
         for kind in args.kinds:
             ours = functools.partial(run_ours, nsf_init=args.nsf_init,
                                      compile_each=args.compile_each)
-            methods = [("ours", ours)] + ([] if args.no_sbi else [("sbi", run_sbi)])
+            sbi = functools.partial(run_sbi, device=args.sbi_device)
+            methods = [("ours", ours)] + ([] if args.no_sbi else [("sbi", sbi)])
             for method, fn in methods:
                 # Repeat ``rep`` trains with seed ``seed + rep`` on both sides (same data):
                 # the epoch count to early stopping varies with the seed, so the fair

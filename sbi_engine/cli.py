@@ -205,10 +205,13 @@ def cmd_train(args) -> int:
         if checkpoint.exists():
             print(f"resuming from the checkpoint {checkpoint}")
     if args.backend == "sbi":
-        from sbi_engine.interop.sbi import train_sbi
+        from sbi_engine.interop.sbi import torch_device_like_jax, train_sbi
 
+        device, note = torch_device_like_jax()  # a GPU when JAX has one and torch sees it
+        if note:
+            print(note)
         result = train_sbi(ds.theta, ds.x, prior=prior, config=config, seed=args.seed,
-                           progress=not args.quiet)
+                           progress=not args.quiet, device=device)
     else:
         # Streams the dataset from disk when it is larger than memory allows.
         result = train_npe_from_dataset(jax.random.PRNGKey(args.seed), ds, config=config,

@@ -1612,9 +1612,13 @@ def _stage_train(ctx: RunContext, *, seed: int, tag: str, data_name: str,
     cfg = sec.npe_config()
     checkpoint = None
     if sec.backend == "sbi":
-        from sbi_engine.interop.sbi import train_sbi
+        from sbi_engine.interop.sbi import torch_device_like_jax, train_sbi
 
-        res = train_sbi(theta, x, prior=sim.prior, config=cfg, seed=seed, progress=ctx.progress)
+        device, note = torch_device_like_jax()  # the run's --device
+        if note:
+            ctx.log(f"      {note}")
+        res = train_sbi(theta, x, prior=sim.prior, config=cfg, seed=seed, progress=ctx.progress,
+                        device=device)
     else:
         # A run killed mid-training resumes from its last epoch; the checkpoint is removed
         # once the model is saved (the stage's record then marks the work done).

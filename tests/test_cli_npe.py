@@ -27,6 +27,19 @@ def test_train_writes_a_model(workdir):
     assert header["flow"]["kind"] == "maf"
 
 
+def test_train_with_the_sbi_backend_writes_a_model_sample_reads(workdir):
+    pytest.importorskip("sbi")
+    model = workdir / "sbi_model"
+    assert main(["train", str(workdir / "train"), "--estimator", "maf", "--backend", "sbi",
+                 "--max-epochs", "3", "--out", str(model), "--quiet"]) == 0
+    header = json.loads((model / "posterior.json").read_text())
+    assert header["metadata"]["backend"] == "sbi" and header["metadata"]["device"] == "cpu"
+    np.save(workdir / "xo_sbi.npy", np.zeros(10, np.float32))
+    assert main(["sample", str(model), "--observation", str(workdir / "xo_sbi.npy"),
+                 "--num", "50", "--seed", "0", "--out", str(workdir / "s_sbi.npy")]) == 0
+    assert np.load(workdir / "s_sbi.npy").shape == (50, 10)
+
+
 def test_sample_from_npy_and_csv(workdir, capsys):
     x_o = np.full(10, 0.1, np.float32)
     np.save(workdir / "xo.npy", x_o)

@@ -24,6 +24,8 @@ from sbi_engine.interop.sbi import (  # noqa: E402
     TorchTruncatedNormal,
     _posterior_nn_kwargs,
     to_sbi_prior,
+    torch_device,
+    torch_device_like_jax,
     train_sbi,
 )
 from sbi_engine.npe import NPEConfig, TrainResult  # noqa: E402
@@ -185,6 +187,7 @@ def test_result_has_the_train_result_surface(trained):
     meta = trained.posterior.metadata
     assert meta["backend"] == "sbi" and meta["best_epoch"] == trained.best_epoch
     assert meta["num_train"] == int(0.9 * 994)
+    assert meta["device"] == "cpu"
 
 
 def test_training_is_deterministic_given_the_seed_and_epoch_cap_matches():
@@ -283,6 +286,61 @@ def test_bad_arguments(trained):
     with pytest.raises(ConfigError, match="z_score_theta"):
         train_sbi(theta, x, prior=PRIOR, progress=False, config=NPEConfig(
             flow=FlowConfig(z_score_theta="transform_to_unconstrained")))
+
+
+@pytest.mark.parametrize("device, match", [
+    ("gpu", "expected 'cpu', 'cuda' or 'cuda:N'"),
+    ("cuda:x", "expected 'cpu', 'cuda' or 'cuda:N'"),
+    ("mps", "expected 'cpu', 'cuda' or 'cuda:N'"),
+    (3, "expected 'cpu', 'cuda' or 'cuda:N'"),
+])
+def test_bad_devices_fail_before_training(device, match):
+    theta, x = conjugate_data(50)
+    with pytest.raises(ConfigError, match=match):
+        train_sbi(theta, x, prior=PRIOR, config=SMALL, progress=False, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_cuda_device_torch_does_not_see_is_named():
+    theta, x = conjugate_data(50)
+    with pytest.raises(ConfigError, match="device 'cuda'.*sees no CUDA device"):
+        train_sbi(theta, x, prior=PRIOR, config=SMALL, progress=False, device="cuda")
+    assert torch_device("cpu") == torch.device("cpu")
+
+
+def test_the_sbi_backend_follows_jax_onto_a_gpu_only_where_torch_sees_one(monkeypatch):
+    import types
+
+    assert torch_device_like_jax() == ("cpu", "")  # the tests' JAX runs on the CPU
+    monkeypatch.setattr(jax, "devices", lambda *a: [types.SimpleNamespace(platform="gpu")])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device, note = torch_device_like_jax()
+    assert device == "cpu" and "sees none" in note
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert torch_device_like_jax() == ("cuda", "")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_gives_a_cpu_posterior(trained, tmp_path):
+    theta, x = conjugate_data(1000)
+    x[:5] = np.nan  # the data of the ``trained`` fixture
+    theta[5] = np.inf
+    result = train_sbi(theta, x, prior=PRIOR, config=SMALL, seed=3, progress=False,
+                       device="cuda")
+    post = result.posterior
+    assert post.metadata["device"].startswith("cuda")
+    assert all(p.device.type == "cpu" for p in post.net.parameters())
+    xo = np.array([1.0, -0.5], np.float32)
+    s = post.sample(jax.random.PRNGKey(0), 2000, xo)
+    np.testing.assert_allclose(s.mean(0), xo / 1.25, atol=0.2)
+    np.testing.assert_allclose(s.std(0), np.sqrt(0.2), atol=0.1)
+    # Same data, initial weights (drawn on the CPU), split and minibatch order; only the
+    # device's rounding differs, so the first epochs follow the CPU run's curve.
+    np.testing.assert_allclose(result.val_loss[:5], trained.val_loss[:5], rtol=1e-2)
+    loaded = SbiPosterior.load(post.save(tmp_path / "m"))
+    np.testing.assert_allclose(loaded.log_prob(s[:10], xo), post.log_prob(s[:10], xo),
+                               rtol=1e-5)
 
 
 # -- files -----------------------------------------------------------------------------------

@@ -111,6 +111,8 @@ __all__ = [
     "TorchLogUniform",
     "TorchTruncatedNormal",
     "to_sbi_prior",
+    "torch_device",
+    "torch_device_like_jax",
     "train_sbi",
 ]
 
@@ -128,13 +130,16 @@ _SBI_MODELS = {"maf": "maf", "nsf": "nsf", "nsf_ar": "maf_rqs"}
 
 
 @contextlib.contextmanager
-def _seeded_torch(seed: int) -> Iterator[None]:
-    """Run the body with torch's global CPU generator seeded by ``seed``, then restore it.
+def _seeded_torch(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the body with torch's global generators seeded by ``seed``, then restore them.
 
     sbi and nflows draw from the global generator and take no ``torch.Generator``; this
-    is the one place the engine touches global RNG state, and it puts it back.
+    is the one place the engine touches global RNG state, and it puts it back: the CPU
+    generator, and the generator of ``device`` when it is a CUDA device
+    (``torch.manual_seed`` seeds every device's).
     """
-    with torch.random.fork_rng(devices=[]):
+    cuda = [] if device is None or device.type != "cuda" else [device]
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(int(seed))
         yield
 
@@ -408,6 +413,7 @@ def train_sbi(
     config: NPEConfig | None = None,
     seed: int = 0,
     progress: bool = True,
+    device: str = "cpu",
 ) -> SbiTrainResult:
     """Train NPE with sbi's trainer and estimators, configured from our ``NPEConfig``.
 
@@ -429,6 +435,9 @@ def train_sbi(
         seed: seeds network initialisation, permutations, the validation split and the
             minibatch order (torch's global generator, restored afterwards).
         progress: let sbi print its epoch counter.
+        device: torch device sbi trains on (sbi's ``NPE(device=...)``): ``"cpu"``,
+            ``"cuda"`` or ``"cuda:N"``. The trained network is moved back to the CPU, so
+            the posterior samples and saves there whatever trained it.
 
     Returns:
         An :class:`SbiTrainResult` whose posterior holds the best validation weights.
@@ -436,12 +445,14 @@ def train_sbi(
     Raises:
         ShapeError: bad shapes, prior dimension mismatch, too few finite rows, or a
             validation loss that was never finite.
-        ConfigError: a flow option sbi's estimators do not offer, or ``max_epochs < 2``.
+        ConfigError: a flow option sbi's estimators do not offer, ``max_epochs < 2``, or
+            a device torch cannot name or does not see.
     """
     config = config or NPEConfig()
     if not isinstance(config, NPEConfig):
         raise ConfigError(f"config: expected an NPEConfig, got {type(config).__name__}")
     _posterior_nn_kwargs(config.flow)  # fail on unsupported options before any work
+    dev = torch_device(device)
     if config.max_epochs < 2:
         raise ConfigError(f"npe max_epochs: the sbi backend needs at least 2 (sbi runs "
                           f"max_num_epochs + 1 epochs with max_num_epochs >= 1), got "
@@ -469,10 +480,10 @@ def train_sbi(
 
     quiet = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
     t0 = time.perf_counter()
-    with _seeded_torch(seed), quiet, warnings.catch_warnings():
+    with _seeded_torch(seed, dev), quiet, warnings.catch_warnings():
         # We report epochs ourselves; sbi's warning about reaching the cap is noise here.
         warnings.filterwarnings("ignore", message="Maximum number of epochs")
-        inference = NPE(prior=sbi_prior, density_estimator=builder, device="cpu",
+        inference = NPE(prior=sbi_prior, density_estimator=builder, device=str(dev),
                         tracker=_NullTracker(), show_progress_bars=progress)
         inference.append_simulations(torch.from_numpy(theta), torch.from_numpy(x_flat),
                                      exclude_invalid_x=False)
@@ -497,17 +508,60 @@ def train_sbi(
                          "(check the data for extreme values, or lower the learning rate)")
     # sbi keeps the first epoch with the strictly smallest validation loss.
     best_epoch = int(np.argmin(np.where(finite, val_loss, np.inf)))
-    net.eval()
+    net.to("cpu").eval()
     net.zero_grad(set_to_none=True)
     posterior = SbiPosterior(
         net, config=config, prior=prior, x_shape=x_shape,
         metadata={"npe": config.to_dict(), "backend": "sbi", "seed": int(seed),
                   "best_epoch": best_epoch, "best_val_loss": val_loss[best_epoch],
                   "num_train": n_train, "sbi_version": _sbi_version(),
-                  "torch_version": torch.__version__})
+                  "torch_version": torch.__version__, "device": str(dev)})
     return SbiTrainResult(posterior=posterior, train_loss=train_loss, val_loss=val_loss,
                           best_epoch=best_epoch, epochs=len(train_loss), excluded=excluded,
                           seconds=seconds, compilations=0)
+
+
+def torch_device(device: str) -> torch.device:
+    """The torch device ``device`` names, checked: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Raises:
+        ConfigError: another device type, a name torch cannot parse, or a CUDA device
+            this torch build or machine does not have.
+    """
+    if not isinstance(device, str):  # torch.device(3) would mean cuda:3
+        raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"device {device!r}: torch {torch.__version__} sees no CUDA device "
+                          "(a CPU-only build, or no GPU); use device='cpu'")
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"device {device!r}: torch sees {count} CUDA device(s), "
+                          f"cuda:0 ... cuda:{count - 1}")
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def torch_device_like_jax() -> tuple[str, str]:
+    """Where the sbi backend trains when JAX's placement decides: ``(device, note)``.
+
+    ``"cuda"`` when JAX's default device (``jax.default_device`` or its first device) is
+    a GPU and torch sees a CUDA device, else ``"cpu"``. ``note`` is ``""``, or says why
+    a run on a GPU trains sbi on the CPU (a CPU-only torch build).
+    """
+    dev = jax.config.jax_default_device or jax.devices()[0]
+    if dev.platform != "gpu":
+        return "cpu", ""
+    if torch.cuda.is_available():
+        return "cuda", ""
+    return "cpu", (f"JAX runs on a GPU but torch {torch.__version__} sees none: the sbi "
+                   "backend trains on the CPU")
 
 
 def _sbi_version() -> str:
