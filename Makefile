@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 
-.PHONY: install test test-slow demo bench lint clean
+.PHONY: install test test-slow test-gpu demo bench lint clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+# The accelerator tests (tests/test_gpu.py and the sbi backend's CUDA test): they skip
+# where JAX (or torch) sees no GPU. Install with EXTRAS=sbi,dask,physics,dev,gpu.
+test-gpu: install
+	JAX_PLATFORMS=cuda,cpu $(PY) -m pytest -q -m "gpu" $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/sbi-engine demo
