@@ -309,10 +309,13 @@ def test_parameterised_classifier_uses_nu(pivot_gen, pivot_data):
 # ----------------------------------------------------------------------------------
 
 
-def test_train_many_equals_train_one_and_compiles_once(pivot_data):
+def check_train_many_equals_train_one(data):
+    """Three learning rates trained at once under ``vmap`` and one at a time, each on its
+    own 80 rows of ``data``: the same weights and losses. Returns ``(many, stacked, one
+    of the single trainings)``."""
     m = 3
     keys = jax.random.split(jax.random.key(50), m)
-    datasets = [C.TrainData(*(a[i::50] for a in pivot_data)) for i in range(m)]  # 80 rows
+    datasets = [C.TrainData(*(a[i::50] for a in data)) for i in range(m)]  # 80 rows
     stacked = C.TrainData(*(jnp.stack(a) for a in zip(*datasets)))
     lrs = jnp.array([1e-3, 3e-3, 1e-2])
     cfg = C.ClassifierConfig(hidden=(8,), steps=25, batch_size=32)
@@ -323,11 +326,18 @@ def test_train_many_equals_train_one_and_compiles_once(pivot_data):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                      one.params, C.select(many.params, i))
         np.testing.assert_allclose(one.metrics["loss"], many.metrics["loss"][i], rtol=1e-4)
+    return many, stacked, one
+
+
+def test_train_many_equals_train_one_and_compiles_once(pivot_data):
+    m, lrs = 3, jnp.array([1e-3, 3e-3, 1e-2])
+    cfg = C.ClassifierConfig(hidden=(8,), steps=25, batch_size=32)
+    many, stacked, one = check_train_many_equals_train_one(pivot_data)
     assert one.compilations == 1 and many.compilations == 1
     again = C.train_many(jax.random.split(jax.random.key(51), m), stacked, cfg,
                          hyper={"learning_rate": lrs * 2, "adv_lambda": 0.2})
     assert again.compilations == 1
-    assert C.predict_many(again.params, datasets[0].x).shape == (m, 80)
+    assert C.predict_many(again.params, stacked.x[0]).shape == (m, 80)
     # clear_compiled_programs forgets the trainer too: it compiles again, same numbers.
     clear_compiled_programs()
     fresh = C.train_many(jax.random.split(jax.random.key(51), m), stacked, cfg,

@@ -77,25 +77,12 @@ def test_many_classifiers_under_vmap_equal_one_at_a_time(accelerator):
     each setting's own training. At float32 matrix precision (a GPU's default may be
     TF32), so that only the batching differs."""
     from simulators.toy_physics import pivot
+    from tests.test_classify import check_train_many_equals_train_one
 
-    gen = pivot.build()
     with jax.default_device(accelerator), jax.default_matmul_precision("float32"):
-        data = C.augmented_data(jax.random.key(0), gen, 2000)
-        m = 3
-        keys = jax.random.split(jax.random.key(50), m)
-        datasets = [C.TrainData(*(a[i::50] for a in data)) for i in range(m)]  # 80 rows
-        stacked = C.TrainData(*(jnp.stack(a) for a in zip(*datasets)))
-        lrs = jnp.array([1e-3, 3e-3, 1e-2])
-        cfg = C.ClassifierConfig(hidden=(8,), steps=25, batch_size=32)
-        many = C.train_many(keys, stacked, cfg, hyper={"learning_rate": lrs})
+        data = C.augmented_data(jax.random.key(0), pivot.build(), 2000)
+        many, _, _ = check_train_many_equals_train_one(data)
         assert _on(accelerator, many.params) and many.compilations == 1
-        for i in range(m):
-            one = C.train_one(keys[i], datasets[i], cfg,
-                              hyper={"learning_rate": float(lrs[i])})
-            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                         one.params, C.select(many.params, i))
-            np.testing.assert_allclose(one.metrics["loss"], many.metrics["loss"][i],
-                                       rtol=1e-4)
 
 
 def test_pyloric_reference_circuits_on_the_accelerator(accelerator):
