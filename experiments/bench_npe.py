@@ -178,7 +178,7 @@ def main() -> None:
         torch_info = (f"torch {torch.__version__} ({torch.get_num_threads()} thread, sbi on "
                       f"{args.sbi_device})")
     except ImportError:
-        torch_info = "torch not installed: sbi methods skipped"
+        torch_info = "torch or sbi not installed: sbi methods skipped"
         args.methods = [m for m in args.methods if not m.startswith("sbi")]
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}; "
           f"{os.cpu_count()} CPU cores; XLA pool {cpu_pool_threads()}; N = {args.num:,}; "

@@ -151,7 +151,7 @@ def main() -> None:
             torch_info = (f"torch {torch.__version__} ({torch.get_num_threads()} thread, "
                           f"sbi on {args.sbi_device})")
         except ImportError:
-            torch_info, args.no_sbi = "torch not installed: sbi skipped", True
+            torch_info, args.no_sbi = "torch or sbi not installed: sbi skipped", True
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}; "
           f"{os.cpu_count()} CPU cores; XLA pool {cpu_pool_threads()}; task {args.task}; "
           f"N = {args.num:,}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()!r}", flush=True)

@@ -528,16 +528,17 @@ def torch_device(device: str) -> torch.device:
         ConfigError: another device type, a name torch cannot parse, or a CUDA device
             this torch build or machine does not have.
     """
+    bad = ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if not isinstance(device, str):  # torch.device(3) would mean cuda:3
-        raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        raise bad
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
+        raise bad from err
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
-        raise ConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        raise bad
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise ConfigError(f"device {device!r}: torch {torch.__version__} sees no CUDA device "
