@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulators", help="list registered simulators")
     p.add_argument("name", nargs="?", help="show this simulator's parameters")
-    p.set_defaults(func=cmd_simulators)
+    p.set_defaults(func=cmd_simulators, compiles=False)
 
     p = sub.add_parser(
         "simulate", help="simulate a dataset into a resumable zarr store",
@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--verify", action="store_true", help="read every chunk and check checksums")
     p.add_argument("--json", action="store_true", help="print the raw manifest")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=cmd_info, compiles=False)
 
     p = sub.add_parser("train", help="train a neural posterior estimator on a dataset")
     p.add_argument("dataset")
@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", choices=["min", "max"], help="which is better (default: by "
                    "metric: max for Z and AUC, min for losses and C2ST)")
     p.add_argument("--top", type=int, help="show only the best N")
-    p.set_defaults(func=cmd_leaderboard)
+    p.set_defaults(func=cmd_leaderboard, compiles=False)
 
     p = sub.add_parser("systematics",
                        help="train x test matrix of significance over nuisance settings")
@@ -648,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        _compile_cache(args)
+        if getattr(args, "compiles", True):  # listing and reading commands: no cache dir
+            _compile_cache(args)
         if args.cpu_threads is not None:
             from sbi_engine.runtime import limit_cpu_threads
 

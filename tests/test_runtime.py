@@ -206,8 +206,27 @@ def test_cli_reports_a_named_cache_it_cannot_use(tmp_path):
     blocker.write_text("")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, "-m", "sbi_engine.cli", "--compile-cache",
-                          str(blocker / "c"), "simulators"],
+                          str(blocker / "c"), "train", str(tmp_path / "d.zarr"), "--out",
+                          str(tmp_path / "m")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         f"error: compile cache {blocker / 'c'}: cannot write there (Not a directory)"]
+
+
+def test_commands_that_never_compile_leave_the_cache_alone(tmp_path, monkeypatch, capsys):
+    # Listing simulators, reading a manifest and ranking runs compile nothing, so they
+    # neither create the cache directory nor check a named one.
+    turned_on = []
+    monkeypatch.setattr(runtime, "enable_compile_cache", turned_on.append)
+    monkeypatch.setenv(runtime.COMPILE_CACHE_ENV, str(tmp_path / "cache"))
+    assert cli.main(["simulators"]) == 0
+    assert cli.main(["--compile-cache", str(tmp_path / "named"), "leaderboard",
+                     str(tmp_path / "no-runs")]) == 2  # no runs there: its own error
+    assert "no-runs" in capsys.readouterr().err
+    assert cli.main(["info", str(tmp_path / "missing.zarr")]) == 2
+    assert turned_on == []
+    # A command that compiles does turn it on (and here fails on its missing dataset).
+    assert cli.main(["train", str(tmp_path / "missing.zarr"), "--out",
+                     str(tmp_path / "m")]) == 2
+    assert turned_on == [str(tmp_path / "cache")]
