@@ -277,9 +277,10 @@ class ValidityClassifier:
         if self.threshold is None:
             raise ConfigError("threshold: the classifier has no threshold yet; call "
                               "choose_threshold(classifier, theta_valid, ...) first")
-        # compare logits: exact also for thresholds near 0 or 1
-        t = min(max(self.threshold, 1e-30), 1 - 1e-7)
-        return self.logits(theta) >= np.float32(math.log(t) - math.log1p(-t))
+        # Compared as the float32 probabilities choose_threshold takes its quantile of, so
+        # the valid θ that set τ stays inside (a cut on the logits at logit(τ) moves it by
+        # the sigmoid's rounding and can drop that θ).
+        return self.predict(theta) >= np.float32(self.threshold)
 
     # -- files -----------------------------------------------------------------------------
 

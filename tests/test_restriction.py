@@ -68,6 +68,17 @@ def test_classifier_learns_the_valid_region(trained):
     assert np.mean(~inside[~t]) > 0.8
 
 
+def test_a_zero_false_negative_threshold_keeps_every_valid_theta(trained):
+    # τ is the smallest c(θ) of the valid rows; the row that sets it must stay inside
+    # (a cut on the logits at logit(τ) dropped it in 7 of these 20 draws).
+    clf = trained[2]
+    clf = ValidityClassifier(clf.config, clf.params, clf.mean, clf.std)
+    for seed in range(20):
+        theta_valid = np.asarray(jax.random.normal(jax.random.key(seed), (50, 2)))
+        choose_threshold(clf, theta_valid, allowed_false_negatives=0.0)
+        assert clf.accept(theta_valid).all(), seed
+
+
 def test_restricted_prior_samples_the_region(trained):
     clf = trained[2]
     prior = BoxUniform([-1, -1], [1, 1])
