@@ -13,7 +13,8 @@ Every epoch is **one** compiled call: a ``lax.scan`` over the epoch's minibatche
 (shuffled on device) followed by the validation loss, so there is no Python loop per
 batch, and the epoch function compiles once (``TrainResult.compilations``). Rows whose
 ``x`` or ``θ`` is not finite are excluded and counted. Arrays larger than
-``NPEConfig.max_device_rows`` are streamed: each epoch scans over device-sized chunks.
+``NPEConfig.max_device_rows`` are streamed: each epoch scans over equal device-sized
+blocks drawn from a fresh permutation of the rows.
 A dataset in the store that does not fit in memory is streamed from disk by
 :func:`train_npe_from_dataset` (the CLI's ``train``).
 
@@ -583,12 +584,7 @@ def train_npe(
         checkpoint, checkpoint_every, key=key, config=config, flow=flow, prior=prior,
         data=data_digest, init_params=init_params)
     if theta_tr.shape[0] > config.max_device_rows:
-        chunks = _stream_chunks(theta_tr.shape[0], config.max_device_rows, config.batch_size)
-
-        def source(k_epoch):
-            for j in np.asarray(jax.random.permutation(k_epoch, len(chunks))):
-                a, b = chunks[j]
-                yield theta_tr[a:b], x_tr[a:b]
+        source = _block_source(theta_tr, x_tr, config.max_device_rows, config.batch_size)
     else:
         source = (jnp.asarray(theta_tr), jnp.asarray(x_tr))
     return _fit(flow, params, source, theta_val, x_val, k_epochs, config=config, prior=prior,
@@ -838,11 +834,25 @@ def train_npe_from_dataset(
                 excluded=excluded, num_train=n_train, checkpoint=ckpt)
 
 
-def _stream_chunks(n: int, max_rows: int, batch: int) -> list[tuple[int, int]]:
-    """Equal-sized row ranges (multiples of the batch) so one compilation serves all."""
-    size = max(batch, (max_rows // batch) * batch)
-    count = max(1, n // size)
-    return [(i * size, (i + 1) * size) for i in range(count)]
+def _block_source(theta: np.ndarray, x: np.ndarray, max_rows: int, batch: int) -> BlockSource:
+    """Stream in-memory rows ``theta (n, D)``, ``x (n, X)`` to the device in blocks.
+
+    Every block has the same size, a multiple of ``batch`` of at most ``max_rows`` rows
+    (one compilation serves all). Each epoch draws its blocks from a fresh permutation of
+    the rows, so the rows left over (fewer than one block) differ from epoch to epoch
+    instead of never training.
+    """
+    n = theta.shape[0]
+    size = min(max(batch, (max_rows // batch) * batch), n)
+    count = n // size
+
+    def source(k_epoch):
+        order = np.asarray(jax.random.permutation(k_epoch, n))
+        for i in range(count):
+            rows = np.sort(order[i * size:(i + 1) * size])  # in memory order: a faster copy
+            yield theta[rows], x[rows]
+
+    return source
 
 
 def train_tsnpe(

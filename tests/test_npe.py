@@ -341,6 +341,34 @@ def test_streamed_training_is_deterministic_and_in_memory_path_matches(toy_datas
     assert c.val_loss == d.val_loss
 
 
+def test_in_memory_rows_above_max_device_rows_all_train(toy_dataset):
+    # Above max_device_rows the arrays go to the device in equal blocks; the rows left
+    # over after the last full block differ from epoch to epoch (they once never trained).
+    from sbi_engine.npe import _block_source
+    from sbi_engine.store import load_dataset
+
+    theta = np.arange(1799, dtype=np.float32)[:, None]
+    source = _block_source(theta, -theta, 1000, 200)
+    seen = set()
+    for epoch in range(4):
+        blocks = list(source(jax.random.fold_in(jax.random.PRNGKey(0), epoch)))
+        assert [b[0].shape for b in blocks] == [(1000, 1)]  # one compiled block size
+        rows = blocks[0][0][:, 0].astype(int)
+        assert len(set(rows)) == 1000 and np.array_equal(blocks[0][1][:, 0], -rows)
+        seen |= set(rows)
+    assert len(seen) > 1000  # a fixed block would have seen the same 1,000 rows
+    source = _block_source(theta, theta, 800, 200)
+    assert [b[0].shape[0] for b in source(jax.random.PRNGKey(1))] == [800, 800]
+
+    ds = load_dataset(toy_dataset)
+    cfg = NPEConfig.for_estimator("maf", hidden=16, transforms=2, max_epochs=3,
+                                  batch_size=100, max_device_rows=700)
+    clear_compiled_programs()
+    result = train_npe(jax.random.PRNGKey(2), ds.theta, ds.x, config=cfg, progress=False)
+    assert result.compilations == 1 and result.epochs == 3
+    assert all(np.isfinite(result.val_loss))
+
+
 def test_streamed_training_reports_a_corrupted_chunk(toy_dataset, tmp_path):
     import shutil
 
