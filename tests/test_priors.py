@@ -13,6 +13,7 @@ from sbi_engine import (
     LogUniform,
     Parameter,
     ProductPrior,
+    ShapeError,
     TruncatedGaussian,
     prior_from_dict,
     prior_from_parameters,
@@ -97,6 +98,50 @@ def test_sample_moments():
     assert stats.kstest(np.log(lu[:, 0]), log_u.cdf).pvalue > 1e-3
 
 
+def test_far_tail_truncated_gaussian_matches_scipy():
+    # [5, 6] and [9, inf): JAX's erf-based sampler is off there, and cdf(b) - cdf(a)
+    # cancels to zero mass for [9, inf); [-1, 2] keeps JAX's sampler.
+    prior = TruncatedGaussian([1.0, 0.0, -2.0], [2.0, 1.0, 0.5], [11.0, 9.0, -np.inf],
+                              [13.0, np.inf, -5.5])
+    s = np.asarray(prior.sample(jax.random.PRNGKey(0), 100_000), np.float64)
+    for i, (a, b) in enumerate([(5.0, 6.0), (9.0, np.inf), (-np.inf, -7.0)]):
+        ref = stats.truncnorm(a, b, loc=prior.loc[i], scale=prior.scale[i])
+        assert abs(s[:, i].mean() - ref.mean()) < 5 * ref.std() / np.sqrt(len(s))
+        assert s[:, i].std() == pytest.approx(ref.std(), rel=0.02)
+        assert stats.kstest(s[:5000, i], ref.cdf).pvalue > 1e-3
+    np.testing.assert_allclose(prior.log_prob(jnp.asarray(s[:3], jnp.float32)),
+                               stats.truncnorm(
+                                   (prior.low - prior.loc) / prior.scale,
+                                   (prior.high - prior.loc) / prior.scale, loc=prior.loc,
+                                   scale=prior.scale).logpdf(s[:3]).sum(1), rtol=1e-4)
+
+
+def test_samples_rounded_to_float32_stay_inside_the_support():
+    # float32(0.7) < 0.7: a draw at the bound rounds outside unless clipped inward.
+    from sbi_engine.priors import _clip_to_support
+
+    low, high = np.array([0.7, 0.1]), np.array([1.3, 0.3])
+    clipped = np.asarray(_clip_to_support(jnp.array([[0.6, 0.05], [2.0, 0.4]]), low, high),
+                         np.float64)
+    assert (clipped >= low).all() and (clipped <= high).all()
+    assert clipped[0, 0] == np.nextafter(np.float32(0.7), np.float32(1))
+    prior = LogUniform([0.7, 0.1], [1.3, 0.3])
+    theta = np.asarray(prior.sample(jax.random.PRNGKey(0), 100_000), np.float64)
+    assert (theta >= low).all() and (theta <= high).all()
+
+
+def test_log_prob_takes_integers_and_checks_the_last_axis(prior):
+    theta = np.ones((3, prior.dim), np.int32)
+    np.testing.assert_allclose(prior.log_prob(theta), prior.log_prob(theta.astype(np.float32)))
+    assert prior.log_prob(theta).dtype == jnp.float32
+    for bad in (np.ones((3, prior.dim + 1)), np.ones((3, 1, 1)) if prior.dim > 1 else
+                np.ones((3, 2)), np.float32(0.5)):
+        with pytest.raises(ShapeError, match=rf"theta: expected shape \(\.\.\., {prior.dim}\)"):
+            prior.log_prob(bad)
+        with pytest.raises(ShapeError, match="theta: expected shape"):
+            prior.in_support(bad)
+
+
 def test_dict_round_trip(prior):
     again = prior_from_dict(prior.to_dict())
     assert again == prior
@@ -124,6 +169,8 @@ def test_prior_from_parameters_merges_blocks():
         (lambda: Gaussian([0, 0], [[1, 2], [2, 1]]), "positive definite"),
         (lambda: Gaussian([0, 0], np.eye(3)), "expected \\(2, 2\\)"),
         (lambda: TruncatedGaussian(0, -1, 0, 1), "scale > 0"),
+        (lambda: TruncatedGaussian(0, 1, 40, np.inf), "zero mass"),
+        (lambda: TruncatedGaussian(0, 1, -np.inf, -12), "more than 11 scales"),
         (lambda: prior_from_dict({"type": "cauchy"}), "expected one of"),
         (lambda: prior_from_dict({"type": "box_uniform", "low": [0]}), "missing field 'high'"),
         (lambda: Parameter("a", 1, 0), "high > low"),

@@ -100,6 +100,7 @@ from sbi_engine.priors import (
     ProductPrior,
     TruncatedGaussian,
     prior_from_dict,
+    truncation_mass,
 )
 from sbi_engine.store import atomic_write_dir
 
@@ -221,14 +222,10 @@ class TorchTruncatedNormal(Distribution):
 
     def __init__(self, loc: Any, scale: Any, low: Any, high: Any,
                  validate_args: bool | None = False):
-        from scipy.stats import norm
-
         loc64, scale64 = np.asarray(loc, np.float64), np.asarray(scale, np.float64)
         low64, high64 = np.asarray(low, np.float64), np.asarray(high, np.float64)
         a, b = (low64 - loc64) / scale64, (high64 - loc64) / scale64
-        mass = norm.cdf(b) - norm.cdf(a)
-        if not (mass > 0).all():
-            raise ConfigError("TruncatedGaussian: the truncation interval has zero mass")
+        mass = truncation_mass(a, b)
         self._log_norm = float(np.sum(-np.log(scale64) - 0.5 * np.log(2 * np.pi)
                                       - np.log(mass)))
         self.loc, self.scale = _t(loc64), _t(scale64)
