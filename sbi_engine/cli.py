@@ -153,25 +153,31 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(m, indent=1, sort_keys=True))
         return 0
-    spec = m.get("simulator_spec", {})
+    spec = m["simulator_spec"]  # the manifest's types are checked when it opens
+
+    def count(field):  # a spec list's length, '?' where the file says something else
+        return len(spec[field]) if isinstance(spec.get(field), list) else "?"
+
     print(f"dataset       {ds.path}")
     print(f"simulator     {m['simulator']} (version {m['simulator_version']}, "
           f"{spec.get('kind', '?')})")
     print(f"rows          {m['num']} in {m['num_chunks']} chunks of {m['chunk_size']}")
     print(f"seed          {m['seed']}")
-    print(f"theta         {m['theta_source']['type']}, "
-          f"{len(spec.get('parameters', []))} parameters")
-    print(f"prior         {m['prior']['type']}")
+    print(f"theta         {m['theta_source'].get('type', '?')}, "
+          f"{count('parameters')} parameters")
+    print(f"prior         {m['prior'].get('type', '?')}")
     if spec.get("nuisances"):
-        print(f"nu            {m['nu_source']['type']}, {len(spec['nuisances'])} nuisances")
-    print(f"observables   {len(spec.get('observables', []))}")
-    print(f"engine        {m['engine_version']} (format {m['format_version']})")
+        print(f"nu            {m['nu_source'].get('type', '?')}, {count('nuisances')} "
+              "nuisances")
+    print(f"observables   {count('observables')}")
+    print(f"engine        {m.get('engine_version', '?')} (format {m['format_version']})")
     if m.get("complete"):
         c = m["counts"]
-        frac = c["invalid"] / c["total"]
+        frac = c["invalid"] / max(c["total"], 1)
         print(f"status        complete; valid {c['valid']}, invalid {c['invalid']} "
               f"({100 * frac:.2f}%)")
-        for reason, count in m.get("errors", {}).items():
+        errors = m.get("errors")
+        for reason, count in (errors.items() if isinstance(errors, dict) else ()):
             print(f"              {count} × {reason}")
         if args.verify:
             print("checksums     all chunks verified")

@@ -276,9 +276,17 @@ class DatasetStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> DatasetStore:
+        """Open the dataset directory ``path`` (complete or not) and check its manifest.
+
+        Raises:
+            DatasetError: ``path`` is missing, not a directory, or not a dataset.
+        """
         path = Path(path)
         if not path.exists():
             raise DatasetError(f"dataset {path} does not exist")
+        if not path.is_dir():
+            raise DatasetError(f"dataset {path} is a file; a dataset is a directory holding "
+                               "manifest.json (the simulate command's --out)")
         manifest = _read_json(path / "manifest.json", "dataset manifest")
         _check_format(manifest, path)
         return cls(path, manifest)
@@ -322,9 +330,12 @@ class DatasetStore:
         if not p.exists():
             return None
         try:
-            return _read_json(p, f"chunk {index} record")
+            rec = _read_json(p, f"chunk {index} record")
         except DatasetError:
             return None
+        if not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("invalid"), int):
+            return None  # damaged: redone on resume
+        return rec
 
     def count_records(self) -> int:
         """Completed chunks, counted from the record files (not by a loop over a count
@@ -473,6 +484,26 @@ def _check_format(manifest: dict, path: Path) -> None:
     if manifest["num_chunks"] != -(-manifest["num"] // manifest["chunk_size"]):
         raise DatasetError(f"{path}: manifest num_chunks {manifest['num_chunks']} does not "
                            f"match num {manifest['num']} in chunks of {manifest['chunk_size']}")
+    for field, kind, what in _MANIFEST_FIELDS:
+        value = manifest.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DatasetError(f"{path}: manifest field {field!r} must be {what}, got "
+                               f"{_short(value)}")
+    counts = manifest.get("counts")
+    if manifest.get("complete") and not (isinstance(counts, dict) and all(
+            isinstance(counts.get(k), int) and counts[k] >= 0
+            for k in ("total", "valid", "invalid"))):
+        raise DatasetError(f"{path}: manifest field 'counts' must hold non-negative integers "
+                           f"'total', 'valid' and 'invalid', got {_short(counts)}")
+
+
+#: Manifest fields the readers use, with their JSON types (checked when a dataset opens).
+_MANIFEST_FIELDS = (
+    ("simulator", str, "a string"), ("simulator_version", str, "a string"),
+    ("simulator_spec", dict, "an object"), ("prior", dict, "an object"),
+    ("theta_source", dict, "an object"), ("nu_source", dict, "an object"),
+    ("seed", int, "an integer"), ("dtype", str, "a string"),
+)
 
 
 def _short(value: Any) -> str:

@@ -142,6 +142,12 @@ _LIES = {
                               max_size=5)
                      | st.sampled_from([None, "x", 5, {"0": "a"}, [1, 2, 3, 4]])),
     "prior": st.sampled_from([None, {}, {"type": "nope"}, "box_uniform"]),
+    "seed": st.sampled_from([None, "0", 0.5, [0], True]),
+    "theta_source": st.sampled_from([None, "prior", {}, [1]]),
+    "counts": st.sampled_from([None, {}, {"valid": 0}, {"total": 40, "valid": 40,
+                                                        "invalid": "0"}, [40, 40, 0]]),
+    "simulator_spec": st.sampled_from([None, "spec", {}, {"parameters": 5, "nuisances": 1}]),
+    "errors": st.sampled_from([None, [], "x", {"boom": 1}]),
 }
 
 
@@ -171,6 +177,42 @@ def test_incomplete_manifest_with_a_huge_num_does_not_hang(dataset, tmp_path):
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DatasetError, match="incomplete"):
         load_dataset(path)
+
+
+@fuzz(40)
+@given(field=st.sampled_from(sorted(_LIES)), data=st.data())
+def test_cli_info_on_a_lying_manifest_is_one_line_or_a_report(dataset, tmp_path, field, data,
+                                                              capsys):
+    src, _ = dataset
+    path, _ = _damage(src, tmp_path, [])
+    m = json.loads((path / "manifest.json").read_text())
+    m[field] = data.draw(_LIES[field])
+    (path / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    code = main(["info", str(path)])
+    out, err = capsys.readouterr()
+    if code == 0:
+        assert out.startswith("dataset ") and not err, (field, m[field])
+    else:
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+
+
+def test_a_file_or_a_damaged_chunk_record_is_named_or_redone(dataset, tmp_path):
+    (tmp_path / "data.npz").write_bytes(b"not a dataset")
+    with pytest.raises(DatasetError, match="is a file; a dataset is a directory"):
+        load_dataset(tmp_path / "data.npz")
+    # A chunk record that parses but lacks its checksum counts as not done.
+    from sbi_engine.store import DatasetStore
+
+    src, _ = dataset
+    path, _ = _damage(src, tmp_path, [])
+    record = path / "chunks" / "1.json"
+    rec = json.loads(record.read_text())
+    rec["sha2F6"] = rec.pop("sha256")
+    record.write_text(json.dumps(rec))
+    store = DatasetStore.open(path)
+    assert not store.is_done(1) and store.is_done(0)
 
 
 def test_cli_info_on_damaged_dataset_is_one_line(dataset, tmp_path, capsys):
