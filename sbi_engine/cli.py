@@ -193,8 +193,9 @@ def cmd_train(args) -> int:
 
     from sbi_engine.npe import NPEConfig, remove_checkpoint, train_npe_from_dataset
     from sbi_engine.priors import prior_from_dict
-    from sbi_engine.store import load_dataset
+    from sbi_engine.store import check_replaceable, load_dataset
 
+    check_replaceable(args.out)  # before training: --out must not be a dataset or a folder
     ds = load_dataset(args.dataset, lazy=True)
     prior = prior_from_dict(ds.manifest["prior"])
     overrides = {k: v for k, v in (("max_epochs", args.max_epochs),

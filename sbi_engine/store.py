@@ -29,14 +29,14 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sbi_engine.errors import ConfigError, DatasetError
+from sbi_engine.errors import ConfigError, DatasetError, SbiEngineError
 
 __all__ = [
     "Chunk",
@@ -110,14 +110,48 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+#: Files of the engine's model directories (either NPE backend, both classifier formats):
+#: a directory holding nothing else may be replaced by a new model.
+MODEL_FILES = frozenset({"posterior.json", "classifier.json", "params.msgpack", "weights.npz"})
+
+
+def check_replaceable(path: str | os.PathLike, names: Iterable[str] = ()) -> None:
+    """Refuse to let a write replace ``path`` unless it is missing, an empty directory,
+    or a directory of nothing but files named in ``names`` or :data:`MODEL_FILES` (an
+    earlier model): ``--out`` pointing at a dataset or a folder of one's own files must
+    not delete it. Call it before long work whose result goes to ``path``.
+
+    Raises:
+        SbiEngineError: ``path`` is a file, or a directory holding anything else.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise SbiEngineError(f"{path} exists and is not a directory; choose another path "
+                             "for the model directory, or remove it")
+    allowed = MODEL_FILES | set(names)
+    other = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                   if p.name not in allowed or not p.is_file() or p.is_symlink())
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise SbiEngineError(f"{path} exists and holds {shown}, which writing a model there "
+                             "would delete; choose another path, or remove it first")
+
+
 def atomic_write_dir(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
-    """Write a directory of ``files`` (name → bytes) atomically, replacing any old one.
+    """Write a directory of ``files`` (name → bytes) atomically, replacing an old one.
 
     The files are written and fsynced in a temporary sibling directory, which is then
     renamed into place; an existing directory is moved aside first and deleted after,
-    so a reader sees the old directory or the new one, never a mixture.
+    so a reader sees the old directory or the new one, never a mixture. Only a directory
+    that :func:`check_replaceable` allows is replaced.
+
+    Raises:
+        SbiEngineError: ``path`` holds something other than an earlier such directory.
     """
     path = Path(path)
+    check_replaceable(path, files)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:

@@ -85,3 +85,42 @@ def test_sample_with_a_missing_model_is_an_error(tmp_path, capsys):
     code = main(["sample", str(tmp_path / "nomodel"), "--observation", str(tmp_path / "xo.npy"),
                  "--out", str(tmp_path / "s.npy")])
     assert code == 2 and "no posterior.json" in capsys.readouterr().err
+
+
+def test_train_refuses_an_out_that_is_not_a_model_before_training(workdir, tmp_path, capsys):
+    # --out pointing at the training dataset or a folder of one's own files once replaced
+    # it with the model after training; now it is refused up front and nothing changes.
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    dataset_files = sorted(p.name for p in (workdir / "train").iterdir())
+    for out in (workdir / "train", mine):
+        capsys.readouterr()
+        assert main(["train", str(workdir / "train"), "--max-epochs", "1", "--out", str(out),
+                     "--quiet"]) == 2
+        out_, err = capsys.readouterr()
+        assert "would delete" in err and "training" not in out_, err
+    assert (mine / "thesis.tex").read_text() == "keep me"
+    assert sorted(p.name for p in (workdir / "train").iterdir()) == dataset_files
+    # An earlier model directory (either backend) is replaced, as a rerun expects.
+    assert main(["train", str(workdir / "train"), "--estimator", "maf", "--max-epochs", "1",
+                 "--out", str(workdir / "model_again"), "--quiet"]) == 0
+    assert main(["train", str(workdir / "train"), "--estimator", "maf", "--max-epochs", "1",
+                 "--out", str(workdir / "model_again"), "--quiet"]) == 0
+
+
+def test_atomic_write_dir_replaces_only_its_own_kind(tmp_path):
+    from sbi_engine.errors import SbiEngineError
+    from sbi_engine.store import atomic_write_dir
+
+    target = tmp_path / "m"
+    atomic_write_dir(target, {"posterior.json": b"{}", "params.msgpack": b"1"})
+    atomic_write_dir(target, {"posterior.json": b"{}", "weights.npz": b"2"})  # sbi over jax
+    assert sorted(p.name for p in target.iterdir()) == ["posterior.json", "weights.npz"]
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(SbiEngineError, match="holds notes.txt, which writing a model"):
+        atomic_write_dir(target, {"posterior.json": b"{}", "params.msgpack": b"1"})
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SbiEngineError, match="is not a directory"):
+        atomic_write_dir(tmp_path / "f", {"posterior.json": b"{}"})
+    assert (target / "notes.txt").read_text() == "mine" and (tmp_path / "f").read_text() == "x"
