@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from sbi_engine.errors import ConfigError, UnknownSimulatorError
+from sbi_engine.errors import ConfigError, SbiEngineError, UnknownSimulatorError
 
 __all__ = ["Registry"]
 
@@ -79,8 +79,11 @@ class Registry(Generic[T]):
             return target
         try:
             obj = target(**kwargs)
-        except TypeError as err:
-            if kwargs and "argument" in str(err):
+        except SbiEngineError:
+            raise
+        except (TypeError, ValueError) as err:
+            # a factory refusing an option value (noise_std=-1) or an unknown option
+            if kwargs and (isinstance(err, ValueError) or "argument" in str(err)):
                 raise ConfigError(f"{self.kind} {name!r}: bad options {sorted(kwargs)}: "
                                   f"{err}") from err
             raise

@@ -105,6 +105,8 @@ def test_simulator_options_reach_the_factory_and_the_manifest(tmp_path, capsys):
     from tests import toy_simulators as toys
 
     def factory(shift=0.0, label="a"):
+        if shift < 0:
+            raise ValueError(f"shift: expected >= 0, got {shift}")
         sim = toys.shifted()
         sim.nominal_nu = lambda: np.array([shift], np.float32)
         return sim
@@ -119,6 +121,11 @@ def test_simulator_options_reach_the_factory_and_the_manifest(tmp_path, capsys):
         code, _, err = run(capsys, "simulate", "toy_opts", "--num", "50", "--out",
                            str(tmp_path / "e"), "--nope", "1")
         assert code == 2 and "bad options ['nope']" in err
+        # a value the factory refuses: one line, not its traceback
+        code, _, err = run(capsys, "simulate", "toy_opts", "--num", "50", "--out",
+                           str(tmp_path / "e"), "--shift", "-1")
+        assert code == 2 and err.strip().splitlines() == [
+            "error: simulator 'toy_opts': bad options ['shift']: shift: expected >= 0, got -1"]
         code, _, err = run(capsys, "simulate", "toy_opts", "--num", "50", "--out",
                            str(tmp_path / "e"), "--shift")
         assert code == 2 and "--shift: missing a value" in err
