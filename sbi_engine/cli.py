@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                "dataset manifest.")
     p.add_argument("name", help="simulator name (see `sbi-engine simulators`)")
     p.add_argument("--num", type=int, help="number of simulations (from the prior)")
-    p.add_argument("--seed", type=int, default=0, help="integer seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="integer seed (default 0)")
     p.add_argument("--out", required=True, help="dataset directory (zarr)")
     p.add_argument("--chunk-size", type=int, help="rows per chunk")
     p.add_argument("--workers", type=int,
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     p.add_argument("--estimator", choices=["nsf", "maf", "nsf_ar"], default="nsf")
     p.add_argument("--backend", choices=["jax", "sbi"], default="jax")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", required=True, help="model directory")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--observation", required=True, help=".npy or .csv, shape (X,) or (m, X)")
     p.add_argument("--num", type=int, default=10_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", required=True, help="samples .npy")
     p.set_defaults(func=cmd_sample)
 
@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="held-out simulations (not the training set)")
     p.add_argument("--sbc", type=int, default=200, help="held-out simulations to use")
     p.add_argument("--num-posterior-samples", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_diagnose)
 
@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, help="cap on training epochs")
     p.add_argument("--c2st-samples", type=int, default=10_000,
                    help="posterior and reference samples compared by C2ST")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", choices=["cpu", "gpu", "auto"], default=None,
                    help="where JAX runs (default: its default device)")
     p.add_argument("--tiny", action="store_true",
@@ -599,11 +599,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory: matrix.json, heatmap.png and checkpoints/ (the "
                         "models of each finished training step; rerunning the same command "
                         "resumes an interrupted study from them)")
-    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--seed", type=_seed, help="override the config's seed")
     p.add_argument("--no-profile", action="store_true", help="skip the pyhf profiled column")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_systematics)
     return parser
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer a JAX key holds (32 bits; 2**32 would repeat seed 0)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..2**32-1, got {seed}")
+    return seed
 
 
 _CACHE_OFF = ("off", "0", "false", "no", "none", "")

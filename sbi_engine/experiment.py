@@ -657,8 +657,9 @@ class ExperimentConfig:
         if not seeds:
             raise ConfigError("seeds: expected at least one seed")
         for i, s in enumerate(seeds):
-            if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-                raise ConfigError(f"seeds[{i}]: expected a non-negative int, got {s!r}")
+            if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**32:
+                # a JAX key holds 32 bits: seed 2**32 would repeat seed 0
+                raise ConfigError(f"seeds[{i}]: expected an integer in 0..2**32-1, got {s!r}")
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"seeds: duplicates in {list(seeds)}")
         object.__setattr__(self, "seeds", tuple(seeds))

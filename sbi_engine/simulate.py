@@ -247,8 +247,10 @@ def simulate(
     sim = get_simulator(simulator) if isinstance(simulator, str) else simulator
     if not isinstance(sim, Simulator):
         raise ConfigError(f"simulator: expected a Simulator or a name, got {type(sim).__name__}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
+    if (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)
+            or not 0 <= seed < 2**32):
+        # a JAX key holds 32 bits: seed 2**32 would repeat seed 0's data
+        raise ConfigError(f"seed: expected an integer in 0..2**32-1, got {seed!r}")
     seed = int(seed)
 
     prior = proposal if proposal is not None else sim.prior

@@ -522,6 +522,8 @@ class SystematicsConfig:
         _pos_int("n_prior", self.n_prior, zero=True)
         _pos_int("profile_bins", self.profile_bins)
         _pos_int("seed", self.seed, zero=True)
+        if self.seed >= 2**32:  # a JAX key holds 32 bits: 2**32 would repeat seed 0
+            raise ConfigError(f"seed: expected an integer in 0..2**32-1, got {self.seed}")
         if self.threshold not in ("test", "train"):
             raise ConfigError(f"threshold: expected 'test' or 'train', got {self.threshold!r}")
         if self.parameterised_eval not in ("test", "nominal"):

@@ -131,3 +131,21 @@ def test_simulator_options_reach_the_factory_and_the_manifest(tmp_path, capsys):
         assert code == 2 and "--shift: missing a value" in err
     finally:
         simulator_mod._REGISTRY.pop("toy_opts", None)
+
+
+def test_seeds_beyond_32_bits_are_refused(tmp_path, capsys):
+    # A JAX key holds 32 bits: seed 2**32 gave seed 0's data; 2**63 crashed.
+    from sbi_engine.errors import ConfigError
+    from sbi_engine.simulate import simulate
+    from sbi_engine.systematics import SystematicsConfig
+
+    for seed in (2**32, 2**63):
+        with pytest.raises(SystemExit):
+            main(["simulate", "two_moons", "--num", "10", "--seed", str(seed), "--out",
+                  str(tmp_path / "d")])
+        assert "expected an integer in 0..2**32-1" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match=r"seed: expected an integer in 0..2\*\*32-1"):
+            simulate("two_moons", 10, seed)
+        with pytest.raises(ConfigError, match=r"seed: expected an integer in 0..2\*\*32-1"):
+            SystematicsConfig(generator="inferno", seed=seed)
+    assert not (tmp_path / "d").exists()

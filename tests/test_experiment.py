@@ -154,7 +154,7 @@ def test_bad_types_are_named(spec, match):
     (npe_spec(evaluation={"sbc": 50}, data={"num_test": 10}),
      r"evaluation\.sbc: 50 held-out simulations requested but data\.num_test is 10"),
     ({**npe_spec(), "seeds": [1, 1]}, r"seeds: duplicates in \[1, 1\]"),
-    ({**npe_spec(), "seeds": [-1]}, r"seeds\[0\]: expected a non-negative int"),
+    ({**npe_spec(), "seeds": [-1]}, r"seeds\[0\]: expected an integer in 0..2\*\*32-1"),
     ({**npe_spec(), "seeds": []}, r"seeds: expected at least one seed"),
     (npe_spec(data={"simulator": "nope"}), r"simulator: unknown simulator 'nope'; known: .*"
                                            r"two_moons"),
