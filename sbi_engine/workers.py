@@ -13,7 +13,10 @@ or take its process down (a segfault in a C extension, the kernel's OOM killer).
 
 A task of several rows that times out or kills its worker is run again one row per
 task, so only the offending rows are lost. Every row is seeded from its own key, so the
-output depends neither on the number of workers nor on how rows were grouped.
+output depends neither on the number of workers nor on how rows were grouped. A batched
+simulator gets one generator per batch, so its rows depend on the batches: a chunk is
+always cut into the same :data:`BATCH_SPLIT` batches (:func:`batch_bounds`), in this
+process and in the workers, whatever their number.
 
 This module imports only numpy and :mod:`sbi_engine.errors`: a worker starts in about
 0.1 s plus the import of the simulator function's own module.
@@ -45,10 +48,25 @@ def row_rng(key_data: np.ndarray) -> np.random.Generator:
     return np.random.default_rng(np.asarray(key_data, dtype=np.uint32).tolist())
 
 
+#: A batched simulator's chunk is cut into this many batches (fewer for small chunks),
+#: each seeded from its first row's key: the work workers share, with boundaries that do
+#: not depend on their number.
+BATCH_SPLIT = 16
+
+
+def batch_bounds(n: int) -> list[tuple[int, int]]:
+    """Rows ``[a, b)`` of the batches a batched simulator runs ``n`` rows in."""
+    size = max(1, -(-n // BATCH_SPLIT))
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
 def run_rows(fn: SimulatorFn, batched: bool, dim_x: int, keys: np.ndarray,
              theta: np.ndarray, nu: np.ndarray | None
              ) -> tuple[np.ndarray, list[str | None]]:
     """Run rows of a black-box simulator in this process, capturing failures.
+
+    A batched ``fn`` runs in the batches of :func:`batch_bounds`, as in a
+    :class:`WorkerPool`, so both give the same rows.
 
     Args:
         fn, batched: the simulator function and whether it takes whole batches.
@@ -59,6 +77,23 @@ def run_rows(fn: SimulatorFn, batched: bool, dim_x: int, keys: np.ndarray,
         ``x (n, X)`` float32 with NaN rows for failures, and per row ``None`` or a
         short reason (exception type, wrong shape, non-finite output).
     """
+    if not batched:
+        return run_task(fn, batched, dim_x, keys, theta, nu)
+    n = theta.shape[0]
+    out = np.full((n, dim_x), np.nan, dtype=np.float32)
+    reasons: list[str | None] = [None] * n
+    for a, b in batch_bounds(n):
+        out[a:b], reasons[a:b] = run_task(fn, batched, dim_x, keys[a:b], theta[a:b],
+                                          None if nu is None else nu[a:b])
+    return out, reasons
+
+
+def run_task(fn: SimulatorFn, batched: bool, dim_x: int, keys: np.ndarray,
+             theta: np.ndarray, nu: np.ndarray | None
+             ) -> tuple[np.ndarray, list[str | None]]:
+    """One task's rows: a batched ``fn`` called once on all of them (one generator,
+    from the first row's key), else row by row. Shapes and return value as
+    :func:`run_rows`."""
     n = theta.shape[0]
     out = np.full((n, dim_x), np.nan, dtype=np.float32)
     reasons: list[str | None] = [None] * n
@@ -120,7 +155,7 @@ def _serve(conn, fn: SimulatorFn, batched: bool, dim_x: int) -> None:
             return
         if task is None:
             return
-        conn.send(run_rows(fn, batched, dim_x, *task))
+        conn.send(run_task(fn, batched, dim_x, *task))
 
 
 def _death(code: int | None) -> str:
@@ -220,10 +255,12 @@ class WorkerPool:
         except Exception as err:  # noqa: BLE001 - pickling fails in many ways
             raise _start_failure(f"{type(err).__name__}: {err}") from None
 
-    def _task_rows(self, n: int) -> int:
-        if self.timeout is not None and not self.batched:
-            return 1  # a hung row then costs one timeout, not a task's worth
-        return max(1, math.ceil(n / (self.workers * (1 if self.batched else 4))))
+    def _tasks(self, n: int) -> list[tuple[int, int]]:
+        if self.batched:
+            return batch_bounds(n)  # the batches run_rows makes: the same rows
+        size = 1 if self.timeout is not None else max(1, math.ceil(n / (self.workers * 4)))
+        # (one row per task under a timeout: a hung row then costs one timeout)
+        return [(a, min(a + size, n)) for a in range(0, n, size)]
 
     def run(self, keys: np.ndarray, theta: np.ndarray, nu: np.ndarray | None
             ) -> tuple[np.ndarray, list[str | None]]:
@@ -231,8 +268,7 @@ class WorkerPool:
         n = theta.shape[0]
         out = np.full((n, self.dim_x), np.nan, dtype=np.float32)
         reasons: list[str | None] = [None] * n
-        size = self._task_rows(n)
-        todo = deque((a, min(a + size, n)) for a in range(0, n, size))
+        todo = deque(self._tasks(n))
         busy: list[_Worker] = []
 
         def clock(w: _Worker) -> float:

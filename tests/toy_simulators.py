@@ -37,6 +37,11 @@ def flaky_fn(theta, nu, rng):
     return x
 
 
+def noise_batch_fn(theta, nu, rng):
+    """Batched black-box: ``x (n, 2) = θ + noise`` from one generator for the batch."""
+    return theta + 0.1 * rng.normal(size=theta.shape)
+
+
 def pid_fn(theta, nu, rng):
     """Black-box returning the worker's pid in x[1] (to see that workers are used)."""
     return np.array([theta[0] + 0.1 * rng.normal(), float(os.getpid())])
@@ -58,6 +63,11 @@ def shifted() -> JaxSimulator:
 
 def flaky() -> BlackBoxSimulator:
     return BlackBoxSimulator("toy_flaky", PARAMS, ("x1", "x2"), flaky_fn)
+
+
+def noise_batch() -> BlackBoxSimulator:
+    return BlackBoxSimulator("toy_noise_batch", PARAMS, ("x1", "x2"), noise_batch_fn,
+                             batched=True)
 
 
 def pid() -> BlackBoxSimulator:
