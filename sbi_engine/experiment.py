@@ -2217,11 +2217,12 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: str | os.PathLike, *,
     if (out / "config.json").exists():
         raise ConfigError(f"--out {out}: holds a single run, not a sweep; use another --out")
     names = [f"{i:03d}-{p.dirname}" if p.dirname else f"{i:03d}" for i, p in enumerate(points)]
+    sweep = {"format": "sbi-engine-sweep", "experiment": points[0].config.name,
+             "axes": list(points[0].label),
+             "points": [{"dir": n, "label": dict(p.label)} for n, p in zip(names, points)]}
+    _check_sweep_dir(out, sweep, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "sweep.json", {
-        "format": "sbi-engine-sweep", "experiment": points[0].config.name,
-        "axes": list(points[0].label),
-        "points": [{"dir": n, "label": dict(p.label)} for n, p in zip(names, points)]})
+    _write_json(out / "sweep.json", sweep)
     results: list[RunResult] = []
     if executor is None:
         for i, (name, p) in enumerate(zip(names, points), 1):
@@ -2236,6 +2237,34 @@ def run_sweep(points: Sequence[SweepPoint], out_dir: str | os.PathLike, *,
         results = [f.result() for f in futures]
     write_sweep_summary(out, names, points, results)
     return results
+
+
+def _check_sweep_dir(out: Path, sweep: dict[str, Any], *, overwrite: bool) -> None:
+    """Refuse a sweep ``--out`` that holds something else: a folder that is not a sweep
+    (its files would be overwritten), or another sweep (its points would mix into the
+    leaderboard) unless ``overwrite``, which then removes the old sweep's own points."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / "sweep.json").is_file():
+        raise ConfigError(f"--out {out}: exists and is not a sweep directory (no sweep.json); "
+                          "use a new or empty --out")
+    try:
+        old = _read_json(out / "sweep.json")
+        old_dirs = [p["dir"] for p in old["points"]]
+    except (SbiEngineError, KeyError, TypeError) as err:
+        raise ConfigError(f"--out {out}: sweep.json is unreadable ({err}); use another --out "
+                          "or remove it") from None
+    if old == json.loads(json.dumps(jsonable(sweep, nan_to_none=True))):
+        return  # the same sweep (as written to sweep.json): resume it
+    if not overwrite:
+        raise ConfigError(f"--out {out}: holds a different sweep ({old.get('experiment')!r}, "
+                          f"points {old_dirs[:4]}{' ...' if len(old_dirs) > 4 else ''}); "
+                          "use another --out, or --overwrite to replace it")
+    new_dirs = {p["dir"] for p in sweep["points"]}
+    for name in old_dirs:
+        stale = out / str(name)
+        if name not in new_dirs and stale.parent == out and stale.is_dir():
+            shutil.rmtree(stale)
 
 
 def _primary(metrics: Mapping[str, Any]) -> list[str]:

@@ -539,6 +539,23 @@ def test_sweep_with_an_executor_and_the_leaderboard(tmp_path, capsys):
     assert "error: --metric: no run under" in err and "test/loss" in err
     with pytest.raises(ConfigError, match="holds a sweep"):
         run_point(points[0].config, tmp_path / "sw", echo=False)
+    # The same sweep resumes; another one, or a folder that is no sweep, is refused.
+    again = run_sweep(points, tmp_path / "sw", echo=False)
+    assert [r.metrics for r in again] == [r.metrics for r in results]
+    other = resolve({**spec, "toy": {"scale": [3.0, 0.5]}})
+    with pytest.raises(ConfigError, match="holds a different sweep"):
+        run_sweep(other, tmp_path / "sw", echo=False)
+    run_sweep(other, tmp_path / "sw", echo=False, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir()) == [
+        "000-scale=3", "001-scale=0.5"]
+    assert [r.run for r in leaderboard(tmp_path / "sw", "test/loss")[2]] == [
+        "001-scale=0.5", "000-scale=3"]
+    mine = tmp_path / "mydocs"
+    mine.mkdir()
+    (mine / "report.md").write_text("my report")
+    with pytest.raises(ConfigError, match="is not a sweep directory"):
+        run_sweep(points, mine, echo=False)
+    assert (mine / "report.md").read_text() == "my report"
 
 
 # ------------------------------------------------------------------------------------
