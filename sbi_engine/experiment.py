@@ -108,7 +108,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the tomli backport
     import tomli as tomllib
 
-from sbi_engine.errors import ConfigError, SbiEngineError
+from sbi_engine.errors import ConfigError, DatasetError, SbiEngineError
 from sbi_engine.flows import FlowConfig
 from sbi_engine.interrupt import ctrl_c_latch
 from sbi_engine.store import atomic_write_bytes, jsonable, read_toml
@@ -531,10 +531,13 @@ class Stage:
         name: unique within the run, e.g. ``"train/seed0"`` (its record is
             ``stages/train-seed0.json``).
         fn: ``fn(ctx: RunContext) -> dict`` (JSON-able); writes its files atomically.
+        verify: ``verify(ctx) -> bool``, asked on a resume when the stage's record
+            exists: False (its output is missing or damaged) runs the stage again.
     """
 
     name: str
     fn: Callable[[RunContext], dict[str, Any]]
+    verify: Callable[[RunContext], bool] | None = None
 
     @property
     def filename(self) -> str:
@@ -1304,6 +1307,10 @@ def run_point(config: ExperimentConfig, out_dir: str | os.PathLike, *,
                   ctrl_c_latch() as interrupted):
                 for i, stage in enumerate(stages, 1):
                     record = out / "stages" / stage.filename
+                    if record.exists() and stage.verify is not None and not stage.verify(ctx):
+                        log(f"[{i}/{len(stages)}] {stage.name}: its output is damaged or "
+                            "missing; running it again")
+                        record.unlink()
                     if record.exists():
                         ctx.results[stage.name] = _read_json(record)["result"]
                         resumed.append(stage.name)
@@ -1596,6 +1603,25 @@ def _stage_simulate(ctx: RunContext, *, seed: int, num: int, name: str) -> dict[
             "invalid": int(rep.invalid), "summary": rep.summary()}
 
 
+def _dataset_intact(ctx: RunContext, *, name: str) -> bool:
+    """Whether the run's dataset ``data/<name>.zarr`` is complete with every checksum."""
+    from sbi_engine.store import load_dataset
+
+    try:
+        for _ in load_dataset(ctx.out / "data" / f"{name}.zarr", lazy=True).iter_chunks():
+            pass
+    except DatasetError:
+        return False
+    return True
+
+
+def _simulate_stage(stage: str, *, seed: int, num: int, name: str) -> Stage:
+    """A stage simulating ``data/<name>.zarr``; a resume re-checks the dataset and, if a
+    chunk is damaged, runs the stage again, which redoes only the damaged chunks."""
+    return Stage(stage, functools.partial(_stage_simulate, seed=seed, num=num, name=name),
+                 verify=functools.partial(_dataset_intact, name=name))
+
+
 def _stage_train(ctx: RunContext, *, seed: int, tag: str, data_name: str,
                  budget: int | None = None) -> dict[str, Any]:
     import jax
@@ -1760,13 +1786,13 @@ def _npe_stages(config: ExperimentConfig) -> list[Stage]:
     data = config.section("data")
     stages = []
     if data.num_test:
-        stages.append(Stage("simulate/test", functools.partial(
-            _stage_simulate, seed=data.test_seed, num=data.num_test, name="test")))
+        stages.append(_simulate_stage("simulate/test", seed=data.test_seed, num=data.num_test,
+                                      name="test"))
     for i, s in enumerate(config.seeds):
         tag = f"seed{s}"
         stages += [
-            Stage(f"simulate/{tag}", functools.partial(
-                _stage_simulate, seed=s, num=data.num_simulations, name=f"train-{tag}")),
+            _simulate_stage(f"simulate/{tag}", seed=s, num=data.num_simulations,
+                            name=f"train-{tag}"),
             Stage(f"train/{tag}", functools.partial(_stage_train, seed=s, tag=tag,
                                                     data_name=f"train-{tag}")),
             Stage(f"evaluate/{tag}", functools.partial(_stage_evaluate, seed=s, tag=tag,
@@ -2027,12 +2053,12 @@ def _learning_curve_stages(config: ExperimentConfig) -> list[Stage]:
     if lc.method == "npe":
         data = config.section("data")
         if data.num_test:
-            stages.append(Stage("simulate/test", functools.partial(
-                _stage_simulate, seed=data.test_seed, num=data.num_test, name="test")))
+            stages.append(_simulate_stage("simulate/test", seed=data.test_seed,
+                                          num=data.num_test, name="test"))
         # one dataset per seed at the largest budget: row i depends only on (seed, i), so
         # its first n rows are exactly the dataset of budget n
-        stages += [Stage(f"simulate/seed{s}", functools.partial(
-            _stage_simulate, seed=s, num=last, name=f"train-seed{s}")) for s in config.seeds]
+        stages += [_simulate_stage(f"simulate/seed{s}", seed=s, num=last,
+                                   name=f"train-seed{s}") for s in config.seeds]
         c2st = [m for m in lc.metrics if _is_c2st(m)]
         need = f"learning_curve.metrics ({c2st[0]!r})" if c2st else ""
         for b, s, tag in _lc_points(config):

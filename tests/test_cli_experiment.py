@@ -228,3 +228,35 @@ def test_run_cli_errors_and_dry_run(capsys, tmp_path):
                  "--out", str(tmp_path / "x")]) == 2
     assert "--scheduler: the experiment has a single point" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_damaged_dataset_in_a_run_is_redone_on_resume(tiny_runs, env, tmp_path,
+                                                        sbibm_missing):
+    # A chunk of the training set corrupted after its simulate stage was recorded: the
+    # rerun re-checks the run's datasets, redoes that chunk and trains on the repaired
+    # data, with the metrics of the undamaged run.
+    import shutil
+
+    if sbibm_missing:
+        pytest.skip("needs the sbibm reference data")
+    out = tmp_path / "run"
+    shutil.copytree(tiny_runs / "sbibm_npe", out)
+    chunk = next(p for p in sorted((out / "data" / "train-seed0.zarr" / "x").rglob("*"))
+                 if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    for record in ("train-seed0.json", "evaluate-seed0.json", "report.json"):
+        (out / "stages" / record).unlink()
+    # (in a subprocess, as the fixture's run: XLA's thread pool differs in this process)
+    done = subprocess.run([sys.executable, "-m", "sbi_engine.cli", "run",
+                           str(REPO / "experiments" / "sbibm_npe.toml"), "--preset", "tiny",
+                           "--out", str(out), "--quiet"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (out / "run.log").read_text()
+    assert "simulate/seed0: its output is damaged or missing; running it again" in log
+    assert "simulate/test: its output is damaged" not in log
+    resumed = json.loads((out / "metrics.json").read_text())
+    fresh = json.loads((tiny_runs / "sbibm_npe" / "metrics.json").read_text())
+    assert resumed["summary"] == fresh["summary"]
