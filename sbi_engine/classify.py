@@ -69,7 +69,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -81,7 +81,7 @@ import optax
 from flax import struct
 
 from sbi_engine.errors import ConfigError, SbiEngineError, ShapeError
-from sbi_engine.events import EventData, EventGenerator, make_dataset
+from sbi_engine.events import EventData, EventGenerator, _counts, make_dataset
 from sbi_engine.programs import register_clear
 from sbi_engine.significance import asimov_z_sigma_b
 from sbi_engine.store import atomic_write_dir, jsonable
@@ -124,6 +124,7 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 _ADV_ON = ("all", "signal", "background")
 #: Numeric options that may differ between the models of one :func:`train_many` call.
 HYPER = ("learning_rate", "sigma_b", "temperature", "adv_lambda")
+_HYPER_ZERO = ("sigma_b", "adv_lambda")  # may be 0 (the others must be > 0)
 
 
 # ------------------------------------------------------------------------------------
@@ -154,6 +155,24 @@ def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
     for v in out:
         _positive_int(name, v)
     return tuple(int(v) for v in out)
+
+
+def _check_hyper(hyper: Mapping[str, Any] | None) -> None:
+    """Overrides of :data:`HYPER`: known names, and values (scalars or ``(M,)``) that the
+    :class:`ClassifierConfig` field accepts; traced values (inside ``jit``) are skipped."""
+    unknown = sorted(set(hyper or {}) - set(HYPER))
+    if unknown:
+        raise ConfigError(f"hyper: unknown key {unknown[0]!r}; allowed: {list(HYPER)}")
+    for name, value in (hyper or {}).items():
+        if isinstance(value, jax.core.Tracer):
+            continue
+        try:
+            values = np.asarray(value, np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise ConfigError(f"classifier hyper[{name!r}]: expected a number or an array "
+                              f"of numbers, got {value!r}") from None
+        for v in values:
+            _positive_float(f"hyper[{name!r}]", float(v), zero=name in _HYPER_ZERO)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -214,18 +233,19 @@ class ClassifierConfig:
     def __post_init__(self):
         object.__setattr__(self, "hidden", _int_tuple("hidden", self.hidden))
         object.__setattr__(self, "adv_hidden", _int_tuple("adv_hidden", self.adv_hidden))
-        if isinstance(self.free_nuisances, str) or not all(
+        if isinstance(self.free_nuisances, str) or not isinstance(
+                self.free_nuisances, Iterable) or not all(
                 isinstance(n, str) for n in tuple(self.free_nuisances)):
             raise ConfigError(f"classifier free_nuisances: expected a sequence of nuisance "
                               f"names, got {self.free_nuisances!r}")
         object.__setattr__(self, "free_nuisances", tuple(self.free_nuisances))
-        if self.activation not in _ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
             raise ConfigError(f"classifier activation: expected one of {sorted(_ACTIVATIONS)}, "
                               f"got {self.activation!r}")
-        if self.loss not in LOSSES:
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise ConfigError(f"classifier loss: expected one of {sorted(LOSSES)}, "
                               f"got {self.loss!r}")
-        if self.adv_on not in _ADV_ON:
+        if not isinstance(self.adv_on, str) or self.adv_on not in _ADV_ON:
             raise ConfigError(f"classifier adv_on: expected one of {list(_ADV_ON)}, "
                               f"got {self.adv_on!r}")
         for name in ("steps", "batch_size", "inferno_events", "adv_components", "adv_steps"):
@@ -236,7 +256,7 @@ class ClassifierConfig:
             raise ConfigError(f"classifier bins: expected an int >= 2, got {self.bins!r}")
         for name in ("learning_rate", "temperature", "adv_learning_rate", "min_background"):
             _positive_float(name, getattr(self, name))
-        for name in ("sigma_b", "adv_lambda"):
+        for name in _HYPER_ZERO:
             _positive_float(name, getattr(self, name), zero=True)
         if self.clip_norm is not None:
             _positive_float("clip_norm", self.clip_norm)
@@ -407,10 +427,21 @@ def roc_auc(scores: Any, y: Any, w: Any = None) -> float:
 
     Returns:
         AUC in ``[0, 1]``.
+
+    Raises:
+        ShapeError: if the arrays are not ``(n,)`` of one length, or a class has no
+            (positive total) weight.
     """
     s = np.asarray(scores, np.float64)
     y = np.asarray(y) > 0.5
     w = np.ones_like(s) if w is None else np.asarray(w, np.float64)
+    if s.ndim != 1 or y.shape != s.shape or w.shape != s.shape:
+        raise ShapeError(f"scores, y, w: expected equal shapes (n,), got {s.shape}, "
+                         f"{y.shape}, {w.shape}")
+    for label, mask in (("signal", y), ("background", ~y)):
+        if not w[mask].sum() > 0:
+            raise ShapeError(f"y, w: expected both classes with positive total weight, "
+                             f"got {label} weight {float(w[mask].sum())}")
     _, group = np.unique(s, return_inverse=True)  # tied scores share a group
     w_sig = np.bincount(group, weights=w * y)
     w_bkg = np.bincount(group, weights=w * ~y)
@@ -706,11 +737,9 @@ def augmented_data(key: jax.Array, generator: EventGenerator,
     Returns:
         :class:`TrainData` with per-event ``nu (N, K)``.
     """
+    n_total = sum(_counts(generator, n_per_process))  # validated before any sampling
     prior = generator.nuisance_prior if prior is None else prior
     k_nu, k_ev = jax.random.split(key)
-    counts = n_per_process if isinstance(n_per_process, Mapping) else {
-        p: int(n_per_process) for p in generator.process_names}
-    n_total = sum(int(v) for v in counts.values())
     nu = jnp.asarray(prior.sample(k_nu, n_total), jnp.float32).reshape(n_total, -1)
     return train_data(make_dataset(k_ev, generator, nu, n_per_process), nu)
 
@@ -903,9 +932,7 @@ def make_trainer(config: ClassifierConfig, generator: EventGenerator | None = No
     def init(key: jax.Array, data: TrainData, hyper: Mapping[str, Any] | None = None
              ) -> TrainState:
         """Initial state; input standardisation from ``data``; ``hyper`` overrides :data:`HYPER`."""
-        unknown = sorted(set(hyper or {}) - set(HYPER))
-        if unknown:
-            raise ConfigError(f"hyper: unknown key {unknown[0]!r}; allowed: {list(HYPER)}")
+        _check_hyper(hyper)
         values = {**config.hyper(), **(hyper or {})}
         hyp = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
         k_net, k_adv, k_run = jax.random.split(key, 3)
@@ -1028,9 +1055,7 @@ register_clear(_compiled.cache_clear)
 
 def _full_hyper(config: ClassifierConfig, hyper: Mapping[str, Any] | None) -> dict[str, Any]:
     """All :data:`HYPER` values (config defaults, overridden), so the jitted pytree is fixed."""
-    unknown = sorted(set(hyper or {}) - set(HYPER))
-    if unknown:
-        raise ConfigError(f"hyper: unknown key {unknown[0]!r}; allowed: {list(HYPER)}")
+    _check_hyper(hyper)
     return {**config.hyper(), **(hyper or {})}
 
 

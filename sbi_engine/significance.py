@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -278,7 +278,10 @@ class Template:
         object.__setattr__(self, "histosys", hs)
         ns = {}
         for nuis, pair in dict(self.normsys).items():
-            lo, hi = (float(v) for v in pair)
+            try:
+                lo, hi = (float(v) for v in pair)
+            except (TypeError, ValueError):
+                lo = hi = float("nan")  # not a pair of numbers
             if not (lo > 0 and hi > 0 and np.isfinite(lo) and np.isfinite(hi)):
                 raise ConfigError(f"template {self.name!r} normsys {nuis!r}: expected positive "
                                   f"finite (lo, hi) factors, got {pair}")
@@ -438,12 +441,26 @@ def profile_significance(templates: Sequence[Template] | Mapping[str, Any], *,
 
     Args:
         templates: :class:`Template` s, or a spec from :func:`histfactory_spec`.
-        fixed: nuisance names held at nominal (not profiled).
-        mu_bounds: bounds of ``μ`` in the fits.
+        fixed: nuisance names held at nominal (not profiled); not ``"mu"``.
+        mu_bounds: ``(lo, hi)`` bounds of ``μ`` in the fits, ``lo <= 0`` and ``hi >= 1``
+            (the fits evaluate ``μ = 0`` and ``μ = 1``).
 
     Returns:
         :class:`ProfileResult`.
     """
+    if isinstance(fixed, str) or not isinstance(fixed, Iterable):
+        raise ConfigError(f"fixed: expected a sequence of nuisance names, got {fixed!r}")
+    fixed = tuple(fixed)
+    if "mu" in fixed:
+        raise ConfigError(f"fixed: expected nuisance names, got the signal strength 'mu' "
+                          f"(always fitted) in {list(fixed)}")
+    try:
+        lo, hi = (float(v) for v in mu_bounds)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")  # not a pair of numbers
+    if not (lo <= 0.0 and hi >= 1.0 and np.isfinite(lo) and np.isfinite(hi)):
+        raise ConfigError(f"mu_bounds: expected finite (lo, hi) with lo <= 0 and hi >= 1, "
+                          f"got {mu_bounds!r}")
     spec = templates if isinstance(templates, Mapping) else histfactory_spec(templates)
     pyhf = _import_pyhf()
     previous_backend = pyhf.get_backend()
@@ -463,7 +480,7 @@ def profile_significance(templates: Sequence[Template] | Mapping[str, Any], *,
             poi = model.config.poi_index
             init[poi] = 1.0
             bounds = list(model.config.suggested_bounds())
-            bounds[poi] = tuple(mu_bounds)
+            bounds[poi] = (lo, hi)
             fixed_mask = list(model.config.suggested_fixed())
             for name in fixed:
                 sl = model.config.par_slice(name)

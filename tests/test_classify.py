@@ -75,6 +75,8 @@ def _fd(f, x, direction, eps):
     ("adv_lambda", -1.0), ("adv_components", 0), ("adv_on", "both"), ("pretrain_steps", -1),
     ("clip_norm", 0.0), ("free_nuisances", "r"), ("balance", 1), ("inferno_events", 0),
     ("min_background", -1.0),
+    # the wrong type: a list where a name is expected, a number where a list is
+    ("activation", ["relu"]), ("loss", ["bce"]), ("adv_on", ["all"]), ("free_nuisances", 5),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
@@ -356,6 +358,41 @@ def test_bad_shapes_are_shape_errors(pivot_data):
                      C.TrainData(*(a[None].repeat(3, 0) for a in pivot_data)), cfg)
     with pytest.raises(ConfigError, match="hyper"):
         C.train_one(jax.random.key(0), pivot_data, cfg, hyper={"lr": 1.0})
+
+
+@pytest.mark.parametrize("hyper, field", [
+    ({"learning_rate": -1.0}, "learning_rate"), ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"temperature": 0.0}, "temperature"), ({"sigma_b": -0.1}, "sigma_b"),
+    ({"adv_lambda": np.array([0.0, -1.0])}, "adv_lambda"),
+    ({"learning_rate": "fast"}, "learning_rate"),
+])
+def test_bad_hyper_values_are_config_errors(pivot_data, hyper, field):
+    cfg = C.ClassifierConfig(hidden=(4,), steps=1)
+    match = rf"hyper\['{field}'\]: expected"
+    with pytest.raises(ConfigError, match=match):
+        C.train_many(jax.random.split(jax.random.key(0), 2), pivot_data, cfg, hyper=hyper)
+    if np.ndim(hyper[field]) == 0:
+        with pytest.raises(ConfigError, match=match):
+            C.train_one(jax.random.key(0), pivot_data, cfg, hyper=hyper)
+    with pytest.raises(ConfigError, match=match):
+        C.make_trainer(cfg).init(jax.random.key(0), pivot_data, hyper)
+
+
+@pytest.mark.parametrize("n", [-5, {"signal": -3, "background": 5}, 0])
+def test_augmented_data_validates_counts_first(pivot_gen, n):
+    with pytest.raises(ConfigError, match="n_per_process: expected non-negative counts"):
+        C.augmented_data(jax.random.key(0), pivot_gen, n)
+
+
+def test_roc_auc_rejects_mismatched_lengths_and_a_missing_class():
+    with pytest.raises(ShapeError, match="scores, y, w: expected equal shapes"):
+        C.roc_auc([0.1, 0.2, 0.3], [1, 0])
+    with pytest.raises(ShapeError, match="scores, y, w: expected equal shapes"):
+        C.roc_auc([0.1, 0.2], [1, 0], [1.0, 1.0, 1.0])
+    with pytest.raises(ShapeError, match="background weight 0"):
+        C.roc_auc([0.1, 0.2], [1, 1])
+    with pytest.raises(ShapeError, match="signal weight 0"):
+        C.roc_auc([0.1, 0.2], [1, 0], [0.0, 1.0])
 
 
 def test_roc_auc_matches_pairwise_definition():

@@ -203,6 +203,24 @@ def test_templates_and_spec_validation():
         Template("b", [-1.0])
 
 
+@pytest.mark.parametrize("normsys", [(0.9, 1.1, 1.2), 0.9, ("a", "b"), (0.0, 1.1)])
+def test_template_normsys_must_be_a_positive_pair(normsys):
+    with pytest.raises(ConfigError, match="template 'b' normsys 'n'"):
+        Template("b", [1.0, 2.0], normsys={"n": normsys})
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"fixed": ["mu"]}, "fixed"), ({"fixed": "bn"}, "fixed"), ({"fixed": 3}, "fixed"),
+    ({"mu_bounds": (2.0, 10.0)}, "mu_bounds"), ({"mu_bounds": (-1.0, 0.5)}, "mu_bounds"),
+    ({"mu_bounds": 5.0}, "mu_bounds"), ({"mu_bounds": (0.0, float("inf"))}, "mu_bounds"),
+])
+def test_profile_significance_rejects_bad_options(kwargs, field):
+    templates = [Template("s", [1.0], signal=True),
+                 Template("b", [3.0], normsys={"bn": (0.9, 1.1)})]
+    with pytest.raises(ConfigError, match=f"^{field}: expected"):
+        profile_significance(templates, **kwargs)
+
+
 def test_missing_pyhf_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyhf", None)
     with pytest.raises(ImportError, match=r"pip install 'sbi-engine\[physics\]'"):

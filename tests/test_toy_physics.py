@@ -144,6 +144,19 @@ def test_bad_input_gives_clear_errors(gen):
         make_dataset(jax.random.key(0), gen, None, {"nope": 3})
 
 
+@pytest.mark.parametrize("name, options, field", [
+    ("inferno", {"s_exp": -50.0}, "s_exp"), ("inferno", {"b_exp": -1000.0}, "b_exp"),
+    ("inferno", {"b_exp": 0.0}, "b_exp"), ("inferno", {"s_exp": float("nan")}, "s_exp"),
+    ("pivot", {"s_exp": -100.0}, "s_exp"), ("pivot", {"b_exp": "x"}, "b_exp"),
+    ("higgs_like", {"yields": {"htautau": -1.0}}, "yields.htautau"),
+    ("higgs_like", {"yields": {"htautau": "x"}}, "yields.htautau"),
+    ("higgs_like", {"yields": {"ttbar": float("inf")}}, "yields.ttbar"),
+])
+def test_bad_yields_name_the_option(name, options, field):
+    with pytest.raises(ConfigError, match=rf"^{field}: expected a finite number >=? 0, got"):
+        GENERATORS[name](**options)
+
+
 def test_registry_by_name():
     register_generator("inferno-test", GENERATORS["inferno"], overwrite=True)
     assert "inferno-test" in list_generators()

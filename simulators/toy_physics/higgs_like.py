@@ -61,6 +61,7 @@ import jax.numpy as jnp
 from sbi_engine.errors import ConfigError
 from sbi_engine.events import EventGenerator, Process
 from sbi_engine.simulator import Parameter
+from simulators.toy_physics._checks import expected_yield
 
 __all__ = ["FEATURES", "NAME", "NOMINAL_YIELDS", "PROCESSES", "HiggsLike", "ProcessModel",
            "build"]
@@ -156,7 +157,7 @@ class HiggsLike(EventGenerator):
 
     Args:
         yields: nominal expected yields per process (defaults: :data:`NOMINAL_YIELDS`);
-            a partial mapping overrides those given.
+            a partial mapping overrides those given; each a finite number ``>= 0``.
     """
 
     def __init__(self, *, yields: Mapping[str, float] | None = None):
@@ -165,9 +166,8 @@ class HiggsLike(EventGenerator):
         if unknown:
             raise ConfigError(f"yields: unknown process(es) {unknown}; known: "
                               f"{', '.join(PROCESSES)}")
-        if any(not float(v) >= 0 for v in yields.values()):
-            raise ConfigError(f"yields: expected non-negative yields, got {yields}")
-        self.nominal_yields = {k: float(yields[k]) for k in PROCESSES}
+        self.nominal_yields = {k: expected_yield(f"yields.{k}", yields[k], zero=True)
+                               for k in PROCESSES}
         self._models = tuple(PROCESSES.values())
         self._init_spec(
             name=NAME,

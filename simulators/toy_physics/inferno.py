@@ -39,6 +39,7 @@ import numpy as np
 from sbi_engine.errors import ConfigError
 from sbi_engine.events import EventGenerator, Process
 from sbi_engine.simulator import Parameter
+from simulators.toy_physics._checks import expected_yield
 
 __all__ = ["BENCHMARKS", "FISHER_PARAMETERS", "NAME", "PUBLISHED", "Inferno", "build",
            "expected_uncertainty"]
@@ -76,12 +77,14 @@ class Inferno(EventGenerator):
     """The INFERNO 3-D toy. Processes ``("signal", "background")``; ν = ``(r, lambda, b)``.
 
     Args:
-        s_exp: expected signal yield (the parameter of interest).
-        b_exp: nominal expected background yield (the nominal of nuisance ``b``).
+        s_exp: expected signal yield (the parameter of interest), ``> 0``.
+        b_exp: nominal expected background yield (the nominal of nuisance ``b``),
+            ``> 0``.
     """
 
     def __init__(self, *, s_exp: float = 50.0, b_exp: float = 1000.0):
-        self.s_exp, self.b_exp = float(s_exp), float(b_exp)
+        self.s_exp = expected_yield("s_exp", s_exp)
+        self.b_exp = expected_yield("b_exp", b_exp)
         self._init_spec(
             name=NAME,
             processes=(Process("signal", True), Process("background", False)),

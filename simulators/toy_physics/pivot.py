@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from sbi_engine.events import EventGenerator, Process
 from sbi_engine.simulator import Parameter
+from simulators.toy_physics._checks import expected_yield
 
 __all__ = ["BKG_COV", "NAME", "Pivot", "build"]
 
@@ -38,12 +39,13 @@ class Pivot(EventGenerator):
     """The pivot toy. Processes ``("signal", "background")``; ν = ``(z,)``.
 
     Args:
-        s_exp: expected signal yield.
-        b_exp: expected background yield.
+        s_exp: expected signal yield, ``> 0``.
+        b_exp: expected background yield, ``> 0``.
     """
 
     def __init__(self, *, s_exp: float = 100.0, b_exp: float = 1000.0):
-        self.s_exp, self.b_exp = float(s_exp), float(b_exp)
+        self.s_exp = expected_yield("s_exp", s_exp)
+        self.b_exp = expected_yield("b_exp", b_exp)
         self._init_spec(
             name=NAME,
             processes=(Process("signal", True), Process("background", False)),
