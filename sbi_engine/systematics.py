@@ -493,7 +493,7 @@ class SystematicsConfig:
                 raise ConfigError(f"yields.{k}: expected a positive number, got {v!r}")
         object.__setattr__(self, "yields", dict(self.yields))
         if self.nuisances is not None:
-            if isinstance(self.nuisances, str) or not all(
+            if not isinstance(self.nuisances, (list, tuple)) or not all(
                     isinstance(n, str) for n in self.nuisances):
                 raise ConfigError(f"nuisances: expected a list of names, got "
                                   f"{self.nuisances!r}")
@@ -501,17 +501,20 @@ class SystematicsConfig:
                 raise ConfigError("nuisances: empty (vary at least one nuisance)")
             object.__setattr__(self, "nuisances", tuple(self.nuisances))
         for f in ("train_design", "test_design"):
-            if getattr(self, f) not in DESIGNS:
+            if not isinstance(getattr(self, f), str) or getattr(self, f) not in DESIGNS:
                 raise ConfigError(f"{f}: expected one of {list(DESIGNS)}, "
                                   f"got {getattr(self, f)!r}")
         if self.test_design == "nominal" and self.n_prior == 0:
             pass
         if self.fraction is not None:
             _pos_int("fraction", self.fraction, zero=True)
+        if not isinstance(self.methods, (str, list, tuple)):
+            raise ConfigError(f"methods: expected a list of names from {list(METHODS)}, got "
+                              f"{self.methods!r}")
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
         if not methods:
             raise ConfigError(f"methods: empty; choose from {list(METHODS)}")
-        bad = [m for m in methods if m not in METHODS]
+        bad = [m for m in methods if not isinstance(m, str) or m not in METHODS]
         if bad:
             raise ConfigError(f"methods: unknown {bad}; allowed: {list(METHODS)}")
         if len(set(methods)) != len(methods):

@@ -116,6 +116,10 @@ def test_bad_designs(inferno):
     ({"n_test": 0}, "n_test"),
     ({"nuisances": []}, "nuisances"),
     ({"threshold": "best"}, "threshold"),
+    ({"nuisances": 5}, "nuisances"),
+    ({"methods": 3}, "methods"),
+    ({"methods": [["bce"]]}, "methods"),
+    ({"test_design": ["corners"]}, "test_design"),
 ])
 def test_bad_config(kwargs, field):
     with pytest.raises(ConfigError, match=field):
