@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="metric name in metrics.json (default: the primary one)")
     p.add_argument("--order", choices=["min", "max"], help="which is better (default: by "
                    "metric: max for Z and AUC, min for losses and C2ST)")
-    p.add_argument("--top", type=int, help="show only the best N")
+    p.add_argument("--top", type=_positive_int, help="show only the best N")
     p.set_defaults(func=cmd_leaderboard, compiles=False)
 
     p = sub.add_parser("systematics",
@@ -604,6 +604,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_systematics)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """An option that counts something: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _seed(text: str) -> int:

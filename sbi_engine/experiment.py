@@ -1807,8 +1807,17 @@ def _check_npe(config: ExperimentConfig) -> None:
     if ev.sbc and ev.sbc > data.num_test:
         raise ConfigError(f"evaluation.sbc: {ev.sbc} held-out simulations requested but "
                           f"data.num_test is {data.num_test}")
+    try:  # an option value the simulator refuses fails here, not after a stage has run
+        _simulator(config)
+    except ConfigError as err:
+        raise ConfigError(f"data.options: {err}") from None
     if ev.observations:
-        _reference(config)
+        module = _reference(config)
+        for i, k in enumerate(ev.observations):
+            try:
+                module.observation(k)
+            except ConfigError as err:  # e.g. an observation number out of range
+                raise ConfigError(f"evaluation.observations[{i}]: {err}") from None
 
 
 # ------------------------------------------------------------------------------------

@@ -223,6 +223,15 @@ def test_run_cli_errors_and_dry_run(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.count("# sweep point estimator=") == 2 and "2 point(s); configuration valid" in out
     assert not (tmp_path / "x").exists()
+    # Caught by --dry-run, before any stage: an observation number out of range, and an
+    # option value the simulator refuses.
+    assert main(["run", exp, "--preset", "tiny", "--set", "evaluation.observations=[1,11]",
+                 "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: evaluation.observations[1]: num_observation: expected an integer in 1..10")
+    assert main(["run", exp, "--preset", "tiny", "--set", "data.options.foo=1",
+                 "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("error: data.options: simulator 'two_moons': bad ")
     # A scheduler farms out the points of a sweep; a single point is a clear error.
     assert main(["run", exp, "--preset", "tiny", "--scheduler", "local",
                  "--out", str(tmp_path / "x")]) == 2

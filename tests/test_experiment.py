@@ -534,6 +534,10 @@ def test_sweep_with_an_executor_and_the_leaderboard(tmp_path, capsys):
                  "2"]) == 0
     out = capsys.readouterr().out
     assert "test/loss (min is better)" in out and "002-scale=1" in out and "001-scale" not in out
+    for top in ("0", "-1"):  # -1 used to drop the last row, 0 to show them all
+        with pytest.raises(SystemExit):
+            main(["leaderboard", str(tmp_path / "sw"), "--top", top])
+        assert "--top: expected an integer >= 1" in capsys.readouterr().err
     assert main(["leaderboard", str(tmp_path / "sw"), "--metric", "nope"]) == 2
     err = capsys.readouterr().err
     assert "error: --metric: no run under" in err and "test/loss" in err
