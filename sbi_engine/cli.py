@@ -606,26 +606,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    """An option that counts something: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _int_arg(low: int, high: int | None, what: str):
+    """An argparse type: an integer in ``[low, high)`` (no upper bound when None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    """``--seed``: an integer a JAX key holds (32 bits; 2**32 would repeat seed 0)."""
-    try:
-        seed = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= seed < 2**32:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..2**32-1, got {seed}")
-    return seed
+_positive_int = _int_arg(1, None, "an integer >= 1")  # options that count something
+# a JAX key holds 32 bits: seed 2**32 would repeat seed 0
+_seed = _int_arg(0, 2**32, "an integer in 0..2**32-1")
 
 
 _CACHE_OFF = ("off", "0", "false", "no", "none", "")
