@@ -124,7 +124,7 @@ class BasePosterior(abc.ABC):
             batched = False
         elif arr.shape == (1, *shape):  # one observation with a batch axis, as sbi accepts
             arr, batched = arr[0], False
-        elif arr.ndim == len(shape) + 1 and arr.shape[1:] == shape:
+        elif arr.ndim == len(shape) + 1 and arr.shape[1:] == shape and arr.shape[0] > 0:
             batched = True
         else:
             raise ShapeError(f"{field}: expected shape {shape} or (m, {', '.join(map(str, shape))})"
@@ -138,7 +138,10 @@ class BasePosterior(abc.ABC):
         return arr, batched
 
     def _check_theta(self, theta: Any) -> np.ndarray:
-        arr = np.asarray(theta, dtype=np.float32)
+        try:
+            arr = np.asarray(theta, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise ShapeError(f"theta: expected a numeric array ({err})") from None
         if arr.ndim == 1 and arr.shape[0] == self.theta_dim:
             arr = arr[None]
         if arr.ndim != 2 or arr.shape[1] != self.theta_dim:
@@ -559,7 +562,7 @@ def load_posterior(path: str | os.PathLike):
     hfile = path / "posterior.json"
     try:
         fmt = json.loads(hfile.read_text()).get("format")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise PosteriorFileError(f"model {path}: no posterior.json (expected a model "
                                  "directory written by `sbi-engine train`)") from None
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:

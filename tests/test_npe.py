@@ -154,11 +154,24 @@ def test_batched_observations_and_log_prob(trained):
         (np.array([0.0, 0.0, 0.0]), "expected shape \\(2,\\)"),
         (np.array([[0.0, np.inf]]), "contains NaN or inf"),
         ("text", "numeric array"),
+        (np.zeros((0, 2)), r"expected shape \(2,\) or \(m, 2\), got \(0, 2\)"),
     ],
 )
 def test_bad_observations_are_named(trained, x, match):
     with pytest.raises(ShapeError, match=match):
         trained.posterior.sample(jax.random.PRNGKey(0), 10, x)
+    with pytest.raises(ShapeError, match=match):
+        trained.posterior.map(x, key=jax.random.PRNGKey(0))
+
+
+def test_a_file_is_not_a_model_and_theta_must_be_numbers(trained, tmp_path):
+    from sbi_engine.posterior import load_posterior
+
+    trained.posterior.save(tmp_path / "m")
+    with pytest.raises(PosteriorFileError, match="no posterior.json"):
+        load_posterior(tmp_path / "m" / "posterior.json")
+    with pytest.raises(ShapeError, match="theta: expected a numeric array"):
+        trained.posterior.log_prob([["a", "b"]], np.zeros(2))
 
 
 def test_a_maf_file_from_before_maf_scale_loads_with_its_own_scale(trained, tmp_path):
