@@ -459,6 +459,11 @@ def test_config_defaults_match_sbi_and_parse():
         FlowConfig(kind="realnvp")
     with pytest.raises(ConfigError, match="bins"):
         FlowConfig(bins=0)
+    # (these failed only when the flow was built, with numpy's TypeError or ValueError)
+    for field, value in (("permutation_seed", -1), ("permutation_seed", 1.5),
+                         ("tail_bound", "3"), ("min_bin_width", "x"), ("blocks", True)):
+        with pytest.raises(ConfigError, match=f"flow {field}: expected"):
+            FlowConfig.from_dict({"kind": "nsf", field: value})
     with pytest.raises(ShapeError):
         build_flow(FlowConfig(embedding=CNNEmbedding()), theta_dim=2, x_shape=(4,))
 

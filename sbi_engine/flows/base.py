@@ -146,8 +146,16 @@ class FlowConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"flow {name}: expected a positive int, got {value!r}")
-        if not isinstance(self.blocks, int) or self.blocks < 0:
+        if not isinstance(self.blocks, int) or isinstance(self.blocks, bool) or self.blocks < 0:
             raise ConfigError(f"flow blocks: expected an int >= 0, got {self.blocks!r}")
+        seed = self.permutation_seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise ConfigError(f"flow permutation_seed: expected an integer in 0..2**32-1, "
+                              f"got {seed!r}")
+        for name in ("tail_bound", "min_bin_width", "min_bin_height", "min_derivative"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise ConfigError(f"flow {name}: expected a number, got {value!r}")
         if not (np.isfinite(self.tail_bound) and self.tail_bound > 0):
             raise ConfigError(f"flow tail_bound: expected > 0, got {self.tail_bound!r}")
         for name in ("min_bin_width", "min_bin_height"):
