@@ -570,8 +570,9 @@ def train_npe(
     theta, x = theta[keep], x[keep]
     n = theta.shape[0]
     n_val = max(1, int(config.validation_fraction * n))  # as sbi: floor
-    if n - n_val < 1:
-        raise ShapeError(f"theta/x: need at least 2 finite rows to train, got {n}")
+    if n - n_val < 2:  # the z-score needs two training rows
+        raise ShapeError(f"theta/x: need at least 3 finite rows to train (2 to train on, 1 to "
+                         f"validate), got {n}")
     k_split, k_init, k_epochs = jax.random.split(key, 3)
     perm = np.asarray(jax.random.permutation(k_split, n))
     val_idx, train_idx = perm[:n_val], perm[n_val:]

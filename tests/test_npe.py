@@ -294,9 +294,11 @@ def test_config_validation(kwargs, match):
 def test_bad_training_data_shapes():
     with pytest.raises(ShapeError, match="x: expected shape \\(10, X...\\)"):
         train_npe(jax.random.PRNGKey(0), np.zeros((10, 2)), np.zeros((9, 2)), progress=False)
-    with pytest.raises(ShapeError, match="at least 2 finite rows"):
+    with pytest.raises(ShapeError, match="at least 3 finite rows"):
         train_npe(jax.random.PRNGKey(0), np.zeros((3, 2)), np.full((3, 2), np.nan),
                   progress=False)
+    with pytest.raises(ShapeError, match=r"at least 3 finite rows .*got 2"):
+        train_npe(jax.random.PRNGKey(0), np.zeros((2, 2)), np.zeros((2, 2)), progress=False)
 
 
 # -- training on a dataset in the store, streamed when larger than memory -----------------
