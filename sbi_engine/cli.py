@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sbi_engine.errors import ConfigError, SbiEngineError, ShapeError
+from sbi_engine.errors import SEED_LIMIT, ConfigError, SbiEngineError, ShapeError
 from sbi_engine.interrupt import ctrl_c_latch
 
 __all__ = ["main"]
@@ -623,7 +623,7 @@ def _int_arg(low: int, high: int | None, what: str):
 
 _positive_int = _int_arg(1, None, "an integer >= 1")  # options that count something
 # a JAX key holds 32 bits: seed 2**32 would repeat seed 0
-_seed = _int_arg(0, 2**32, "an integer in 0..2**32-1")
+_seed = _int_arg(0, SEED_LIMIT, "an integer in 0..2**32-1")
 
 
 _CACHE_OFF = ("off", "0", "false", "no", "none", "")

@@ -9,11 +9,13 @@ line and exits non-zero; it shows a traceback only with ``--debug``.
 from __future__ import annotations
 
 __all__ = [
+    "SEED_LIMIT",
     "ConfigError",
     "DatasetError",
     "SbiEngineError",
     "ShapeError",
     "UnknownSimulatorError",
+    "check_seed",
 ]
 
 
@@ -38,3 +40,21 @@ class UnknownSimulatorError(SbiEngineError, KeyError):
 
 class DatasetError(SbiEngineError):
     """A dataset store is missing, corrupted, or does not match the request."""
+
+
+#: Seeds are integers below this: a JAX key holds 32 bits, so seed 2**32 would repeat 0.
+SEED_LIMIT = 2**32
+
+
+def check_seed(field: str, value: object) -> int:
+    """``value`` as an ``int`` seed in ``0..2**32-1``.
+
+    Raises:
+        ConfigError: naming ``field``, for anything else (bools, floats, out of range).
+    """
+    import numbers
+
+    if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+            or not 0 <= value < SEED_LIMIT):
+        raise ConfigError(f"{field}: expected an integer in 0..2**32-1, got {value!r}")
+    return int(value)

@@ -108,7 +108,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the tomli backport
     import tomli as tomllib
 
-from sbi_engine.errors import ConfigError, DatasetError, SbiEngineError
+from sbi_engine.errors import ConfigError, DatasetError, SbiEngineError, check_seed
 from sbi_engine.flows import FlowConfig
 from sbi_engine.interrupt import ctrl_c_latch
 from sbi_engine.store import atomic_write_bytes, jsonable, read_toml
@@ -660,9 +660,7 @@ class ExperimentConfig:
         if not seeds:
             raise ConfigError("seeds: expected at least one seed")
         for i, s in enumerate(seeds):
-            if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**32:
-                # a JAX key holds 32 bits: seed 2**32 would repeat seed 0
-                raise ConfigError(f"seeds[{i}]: expected an integer in 0..2**32-1, got {s!r}")
+            check_seed(f"seeds[{i}]", s)
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"seeds: duplicates in {list(seeds)}")
         object.__setattr__(self, "seeds", tuple(seeds))

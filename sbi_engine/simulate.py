@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sbi_engine.errors import ConfigError, ShapeError
+from sbi_engine.errors import ConfigError, ShapeError, check_seed
 from sbi_engine.interrupt import ctrl_c_latch
 from sbi_engine.priors import Prior
 from sbi_engine.simulator import (
@@ -247,11 +247,7 @@ def simulate(
     sim = get_simulator(simulator) if isinstance(simulator, str) else simulator
     if not isinstance(sim, Simulator):
         raise ConfigError(f"simulator: expected a Simulator or a name, got {type(sim).__name__}")
-    if (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)
-            or not 0 <= seed < 2**32):
-        # a JAX key holds 32 bits: seed 2**32 would repeat seed 0's data
-        raise ConfigError(f"seed: expected an integer in 0..2**32-1, got {seed!r}")
-    seed = int(seed)
+    seed = check_seed("seed", seed)
 
     prior = proposal if proposal is not None else sim.prior
     if proposal is not None and proposal.dim != sim.dim_theta:

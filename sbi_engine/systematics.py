@@ -96,7 +96,7 @@ from sbi_engine.classify import (
     train_data,
     train_many,
 )
-from sbi_engine.errors import ConfigError, SbiEngineError
+from sbi_engine.errors import ConfigError, SbiEngineError, check_seed
 from sbi_engine.events import EventGenerator, get_generator, make_dataset, process_ids
 from sbi_engine.programs import register_clear
 from sbi_engine.significance import threshold_scan
@@ -524,9 +524,7 @@ class SystematicsConfig:
         _pos_int("n_test", self.n_test)
         _pos_int("n_prior", self.n_prior, zero=True)
         _pos_int("profile_bins", self.profile_bins)
-        _pos_int("seed", self.seed, zero=True)
-        if self.seed >= 2**32:  # a JAX key holds 32 bits: 2**32 would repeat seed 0
-            raise ConfigError(f"seed: expected an integer in 0..2**32-1, got {self.seed}")
+        check_seed("seed", self.seed)
         if self.threshold not in ("test", "train"):
             raise ConfigError(f"threshold: expected 'test' or 'train', got {self.threshold!r}")
         if self.parameterised_eval not in ("test", "nominal"):

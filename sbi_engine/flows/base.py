@@ -31,7 +31,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import numpy as np
 
-from sbi_engine.errors import ConfigError
+from sbi_engine.errors import ConfigError, check_seed
 from sbi_engine.flows.embedding import CNNEmbedding, EmbeddingConfig, MLPEmbedding
 
 __all__ = ["FLOW_KINDS", "PERMUTATIONS", "Block", "FlowConfig"]
@@ -148,10 +148,7 @@ class FlowConfig:
                 raise ConfigError(f"flow {name}: expected a positive int, got {value!r}")
         if not isinstance(self.blocks, int) or isinstance(self.blocks, bool) or self.blocks < 0:
             raise ConfigError(f"flow blocks: expected an int >= 0, got {self.blocks!r}")
-        seed = self.permutation_seed
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
-            raise ConfigError(f"flow permutation_seed: expected an integer in 0..2**32-1, "
-                              f"got {seed!r}")
+        check_seed("flow permutation_seed", self.permutation_seed)
         for name in ("tail_bound", "min_bin_width", "min_bin_height", "min_derivative"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
