@@ -54,10 +54,14 @@ def row_rng(key_data: np.ndarray) -> np.random.Generator:
 BATCH_SPLIT = 16
 
 
+def _ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into consecutive ``[a, b)`` of ``size`` rows (the last may be short)."""
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
 def batch_bounds(n: int) -> list[tuple[int, int]]:
     """Rows ``[a, b)`` of the batches a batched simulator runs ``n`` rows in."""
-    size = max(1, -(-n // BATCH_SPLIT))
-    return [(a, min(a + size, n)) for a in range(0, n, size)]
+    return _ranges(n, max(1, -(-n // BATCH_SPLIT)))
 
 
 def run_rows(fn: SimulatorFn, batched: bool, dim_x: int, keys: np.ndarray,
@@ -260,7 +264,7 @@ class WorkerPool:
             return batch_bounds(n)  # the batches run_rows makes: the same rows
         size = 1 if self.timeout is not None else max(1, math.ceil(n / (self.workers * 4)))
         # (one row per task under a timeout: a hung row then costs one timeout)
-        return [(a, min(a + size, n)) for a in range(0, n, size)]
+        return _ranges(n, size)
 
     def run(self, keys: np.ndarray, theta: np.ndarray, nu: np.ndarray | None
             ) -> tuple[np.ndarray, list[str | None]]:
