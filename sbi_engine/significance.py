@@ -245,6 +245,16 @@ def threshold_scan(scores: Any, y: Any, w: Any = None, *,
 # ------------------------------------------------------------------------------------
 
 
+def _float_pair(value: Any) -> tuple[float, float]:
+    """``(lo, hi)`` as floats; ``(nan, nan)`` when ``value`` is not a pair of numbers, so
+    the caller's range check names it."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return float("nan"), float("nan")
+    return lo, hi
+
+
 @dataclasses.dataclass(frozen=True)
 class Template:
     """One sample's histogram and its systematic variations (the input of a HistFactory model).
@@ -278,10 +288,7 @@ class Template:
         object.__setattr__(self, "histosys", hs)
         ns = {}
         for nuis, pair in dict(self.normsys).items():
-            try:
-                lo, hi = (float(v) for v in pair)
-            except (TypeError, ValueError):
-                lo = hi = float("nan")  # not a pair of numbers
+            lo, hi = _float_pair(pair)
             if not (lo > 0 and hi > 0 and np.isfinite(lo) and np.isfinite(hi)):
                 raise ConfigError(f"template {self.name!r} normsys {nuis!r}: expected positive "
                                   f"finite (lo, hi) factors, got {pair}")
@@ -454,10 +461,7 @@ def profile_significance(templates: Sequence[Template] | Mapping[str, Any], *,
     if "mu" in fixed:
         raise ConfigError(f"fixed: expected nuisance names, got the signal strength 'mu' "
                           f"(always fitted) in {list(fixed)}")
-    try:
-        lo, hi = (float(v) for v in mu_bounds)
-    except (TypeError, ValueError):
-        lo = hi = float("nan")  # not a pair of numbers
+    lo, hi = _float_pair(mu_bounds)
     if not (lo <= 0.0 and hi >= 1.0 and np.isfinite(lo) and np.isfinite(hi)):
         raise ConfigError(f"mu_bounds: expected finite (lo, hi) with lo <= 0 and hi >= 1, "
                           f"got {mu_bounds!r}")
